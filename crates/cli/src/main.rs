@@ -1,0 +1,276 @@
+//! `hookfleet`: the operator's command line — migrations, webhook admin, status dashboards,
+//! replay and cancel, key generation. Each command is a thin call into `hookfleet_core`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use hookfleet_core::config::Config;
+use hookfleet_core::crypto::{EncryptionKey, Keyring};
+use hookfleet_core::db;
+use hookfleet_core::delivery::DeliveryClient;
+use hookfleet_core::webhooks::{NewWebhook, WebhookStore};
+use secrecy::{ExposeSecret, SecretString};
+
+#[derive(Parser)]
+#[command(name = "hookfleet", version, about = "hookfleet: webhook delivery on PostgreSQL")]
+struct Cli {
+    /// PostgreSQL connection string (URL or key=value form).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade the schema (idempotent; safe when several run at once).
+    Migrate,
+    /// Manage webhooks.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// Show the queue, webhook health, performance and live workers.
+    Status,
+    /// Reset a dead (or cancelled, or delivered) delivery to pending.
+    Replay { delivery_id: i64 },
+    /// Cancel a pending delivery.
+    Cancel { delivery_id: i64 },
+    /// Print a fresh HOOKFLEET_ENCRYPTION_KEY (32 random bytes, base64).
+    Keygen,
+    /// Run the whole system on this machine: throwaway PostgreSQL, receiver, three workers, sample events.
+    Demo {
+        /// Messages to publish (each goes to two webhooks).
+        #[arg(long, default_value_t = 1000)]
+        messages: u32,
+        #[arg(long, default_value_t = 3)]
+        workers: u32,
+        /// Exit once everything is delivered instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Print every setting (environment name, config-file key, default) as a Markdown table.
+    Settings,
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Create a webhook and print it as JSON, with its signing secret.
+    Create(CreateArgs),
+    /// List webhooks.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[arg(long)]
+    url: String,
+    /// whsec_<base64>; generated when absent.
+    #[arg(long)]
+    secret: Option<String>,
+    /// Event types to subscribe to, comma-separated (none: all).
+    #[arg(long, value_delimiter = ',')]
+    events: Vec<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    rate_limit_rps: Option<f64>,
+    #[arg(long)]
+    rate_limit_burst: Option<u32>,
+    #[arg(long)]
+    max_retries: Option<u32>,
+    #[arg(long)]
+    timeout_ms: Option<u32>,
+    #[arg(long)]
+    max_in_flight: Option<u32>,
+    /// Create it disabled (its deliveries wait until it is enabled).
+    #[arg(long)]
+    disabled: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hookfleet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen => {
+            println!("{}", EncryptionKey::generate_base64());
+            return Ok(());
+        }
+        Command::Settings => {
+            println!("| environment | file key | default | meaning |\n|---|---|---|---|");
+            for setting in Config::settings() {
+                let key = if setting.key.is_empty() { "—" } else { setting.key };
+                println!("| `{}` | `{key}` | {} | {} |", setting.env, setting.default, setting.description);
+            }
+            return Ok(());
+        }
+        Command::Demo { messages, workers, exit_when_done } => {
+            let mut config = Config::load()?;
+            if let Some(url) = cli.database_url {
+                config.database_url = Some(SecretString::from(url));
+            }
+            let worker_binary = std::env::current_exe()?.with_file_name("hookfleet-worker");
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    on_signal.cancel();
+                }
+            });
+            let options = hookfleet_core::demo::DemoOptions { messages, workers, exit_when_done, worker_binary };
+            hookfleet_core::demo::run(config, options, shutdown).await?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let mut config = Config::load()?;
+    if let Some(url) = cli.database_url {
+        config.database_url = Some(SecretString::from(url));
+    }
+    hookfleet_core::telemetry::init(&config.log_level, config.log_format)?;
+    let url = config
+        .database_url
+        .as_ref()
+        .context("DATABASE_URL is not set: pass --database-url or set DATABASE_URL")?
+        .expose_secret()
+        .to_owned();
+    match cli.command {
+        Command::Keygen | Command::Settings | Command::Demo { .. } => unreachable!("handled above"),
+        Command::Migrate => migrate(&url, &config).await,
+        Command::Webhooks(WebhooksCommand::Create(args)) => create_webhook(&url, &config, args).await,
+        Command::Webhooks(WebhooksCommand::List { json }) => list_webhooks(&url, &config, json).await,
+        Command::Status => status(&url).await,
+        Command::Replay { delivery_id } => {
+            let client = db::connect(&url, "hookfleet-cli").await?;
+            let row = client
+                .query_one("SELECT hookfleet.replay_delivery($1)", &[&delivery_id])
+                .await
+                .map_err(|error| anyhow::anyhow!(db::describe(&error)))?;
+            let status: String = row.try_get(0)?;
+            println!("delivery {delivery_id} is {status} again");
+            Ok(())
+        }
+        Command::Cancel { delivery_id } => {
+            let client = db::connect(&url, "hookfleet-cli").await?;
+            let row = client
+                .query_one("SELECT hookfleet.cancel_delivery($1)", &[&delivery_id])
+                .await
+                .map_err(|error| anyhow::anyhow!(db::describe(&error)))?;
+            let status: String = row.try_get(0)?;
+            if status != "cancelled" {
+                bail!("delivery {delivery_id} is {status}; only pending deliveries can be cancelled");
+            }
+            println!("delivery {delivery_id} cancelled");
+            Ok(())
+        }
+    }
+}
+
+async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
+    let mut client = db::connect(url, "hookfleet-migrate").await?;
+    let report = db::migrate(&mut client, config.max_body_bytes).await?;
+    if report.applied.is_empty() {
+        println!("schema is up to date");
+    } else {
+        println!("applied {} migration(s): {}", report.applied.len(), report.applied.join(", "));
+    }
+    Ok(())
+}
+
+fn webhook_store(url: &str, config: &Config) -> anyhow::Result<WebhookStore> {
+    let keyring = Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?;
+    let pool = db::pool(url, "hookfleet-cli", 2)?;
+    Ok(WebhookStore::new(pool, Arc::new(keyring)))
+}
+
+async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow::Result<()> {
+    let store = webhook_store(url, config)?;
+    let client = DeliveryClient::new(hookfleet_core::worker::client_options(config))
+        .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
+    let new = NewWebhook {
+        name: args.name,
+        url: args.url,
+        secret: args.secret,
+        event_types: args.events.into_iter().filter(|event| !event.is_empty()).collect(),
+        rate_limit_rps: args.rate_limit_rps,
+        rate_limit_burst: args.rate_limit_burst,
+        max_retries: args.max_retries,
+        timeout_ms: args.timeout_ms,
+        max_in_flight: args.max_in_flight,
+        enabled: !args.disabled,
+    };
+    let webhook = store.create(new, &client).await?;
+    println!("{}", serde_json::to_string_pretty(&webhook)?);
+    Ok(())
+}
+
+async fn list_webhooks(url: &str, config: &Config, json: bool) -> anyhow::Result<()> {
+    let webhooks = webhook_store(url, config)?.list().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&webhooks)?);
+        return Ok(());
+    }
+    let mut table = new_table(&["webhook_id", "name", "url", "event_types", "enabled", "created_at"]);
+    for webhook in webhooks {
+        table.add_row(vec![
+            webhook.webhook_id.to_string(),
+            webhook.name,
+            webhook.url,
+            if webhook.event_types.is_empty() { "(all)".into() } else { webhook.event_types.join(",") },
+            webhook.enabled.to_string(),
+            webhook.created_at,
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// The dashboard views, each printed as a table.
+async fn status(url: &str) -> anyhow::Result<()> {
+    let client = db::connect(url, "hookfleet-status").await?;
+    let sections = [
+        ("Queue", "SELECT delivery_status, deliveries, round(oldest_due_age_seconds::numeric, 1) AS oldest_due_age_seconds FROM hookfleet.v_queue_depth"),
+        ("Webhooks", "SELECT webhook_id, name, enabled, health_status, circuit_state, success_rate_pct, avg_response_time_ms, pending, in_flight, consecutive_failures, last_status_code, left(last_error, 60) AS last_error FROM hookfleet.v_webhook_health_dashboard ORDER BY webhook_id"),
+        ("Performance", "SELECT * FROM hookfleet.v_webhook_performance ORDER BY webhook_id, window_name"),
+        ("Workers", "SELECT worker_id, host, pid, version, in_flight, seconds_since_heartbeat FROM hookfleet.v_workers"),
+    ];
+    for (title, query) in sections {
+        let messages = client.simple_query(query).await.map_err(|error| anyhow::anyhow!(db::describe(&error)))?;
+        let mut table: Option<Table> = None;
+        for message in messages {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                let table = table.get_or_insert_with(|| {
+                    new_table(&row.columns().iter().map(|column| column.name()).collect::<Vec<_>>())
+                });
+                table.add_row((0..row.len()).map(|i| row.get(i).unwrap_or("").to_owned()).collect::<Vec<_>>());
+            }
+        }
+        println!("{title}");
+        match table {
+            Some(table) => println!("{table}\n"),
+            None => println!("  (none)\n"),
+        }
+    }
+    Ok(())
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    table
+}

@@ -1,0 +1,126 @@
+//! How hookfleet reaches PostgreSQL: one connection pool per process, and the embedded schema
+//! migrations (`sql/V*.sql`) that `hookfleet migrate`, the test harness and the demo all run.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+refinery::embed_migrations!("../../sql");
+
+/// Any two `hookfleet migrate` runs (a CLI and the compose job, say) serialise on this lock.
+const MIGRATION_LOCK_KEY: i64 = 0x686f_6f6b_666c_6565; // "hookflee"
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not set: point it at the PostgreSQL database hookfleet should use")]
+    MissingUrl,
+    #[error("DATABASE_URL is not a valid PostgreSQL connection string: {0}")]
+    InvalidUrl(String),
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    #[error("database error: {}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("cannot get a database connection: {0}")]
+    Checkout(#[from] deadpool_postgres::PoolError),
+    #[error("the database connection closed")]
+    ConnectionClosed,
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+/// A PostgreSQL error as a person needs it: the server's message, detail and hint, not just
+/// "db error".
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+/// Parses `DATABASE_URL` (URL or key=value form) and tags the sessions with `application_name`.
+pub fn connection_config(url: &str, application_name: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|error| DbError::InvalidUrl(error.to_string()))?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    // A session stuck in a transaction would hold row locks that block claims fleet-wide.
+    config.options("-c idle_in_transaction_session_timeout=60000");
+    config.connect_timeout(Duration::from_secs(10));
+    Ok(config)
+}
+
+/// The process-wide pool. `RecyclingMethod::Fast` skips the per-checkout health query; a broken
+/// connection is detected by the failing statement and dropped by deadpool.
+pub fn pool(url: &str, application_name: &str, max_size: usize) -> Result<Pool, DbError> {
+    let config = connection_config(url, application_name)?;
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|error| DbError::Pool(error.to_string()))
+}
+
+/// One dedicated connection outside the pool (migrations, LISTEN). The connection task runs on
+/// the current runtime and ends when the client is dropped.
+pub async fn connect(url: &str, application_name: &str) -> Result<tokio_postgres::Client, DbError> {
+    let config = connection_config(url, application_name)?;
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Names of the migrations this run applied (empty when the schema was already current).
+    pub applied: Vec<String>,
+}
+
+/// Applies the embedded migrations (each in its own transaction, recorded by refinery) under an
+/// advisory lock, then writes the limits the database enforces itself into `hookfleet.settings`.
+pub async fn migrate(client: &mut tokio_postgres::Client, max_body_bytes: u32) -> Result<MigrationReport, DbError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    let result = apply_migrations(client, max_body_bytes).await;
+    // Unlock even when the migration failed; the session ending would release it anyway.
+    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
+    let report = result?;
+    unlock?;
+    Ok(report)
+}
+
+async fn apply_migrations(
+    client: &mut tokio_postgres::Client,
+    max_body_bytes: u32,
+) -> Result<MigrationReport, DbError> {
+    let report = migrations::runner().run_async(client).await?;
+    let applied = report.applied_migrations().iter().map(|migration| migration.to_string()).collect();
+    client
+        .execute(
+            "INSERT INTO hookfleet.settings (name, value) VALUES ('max_body_bytes', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now() \
+             WHERE hookfleet.settings.value IS DISTINCT FROM EXCLUDED.value",
+            &[&max_body_bytes.to_string()],
+        )
+        .await?;
+    Ok(MigrationReport { applied })
+}

@@ -1,0 +1,34 @@
+//! hookfleet-core: everything the binaries share. The binaries only parse configuration, set
+//! up telemetry and wire these pieces together.
+//!
+//! Module map (one decision per module):
+//! - `config`      — which settings exist, their defaults, how they layer and validate.
+//! - `telemetry`   — how logs are formatted and filtered (`LOG_FORMAT`, `LOG_LEVEL`).
+//! - `db`          — how we connect (pool) and how the schema is migrated.
+//! - `queue`       — the only code that reads or writes the queue tables: claim, complete, release, rescue.
+//! - `webhooks`    — creating, listing and loading webhooks (URL and secrets encrypted at rest).
+//! - `crypto`      — encryption at rest (AES-256-GCM, key ids for rotation).
+//! - `signing`     — Standard Webhooks signatures and the simpler `X-Webhook-Signature`.
+//! - `delivery`    — the HTTP client: timeouts, body caps, no redirects, the SSRF address guard.
+//! - `retry`       — what is retryable and when the next attempt happens.
+//! - `metrics`     — the Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - `worker`      — the worker engine: claim loop, attempts, batched write-back, maintenance services.
+//! - `demo`        — `hookfleet demo`: the whole system on one machine.
+//! - `pg_embedded` — a throwaway PostgreSQL from the machine's server binaries (tests, demo, bench).
+
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod delivery;
+pub mod demo;
+pub mod metrics;
+pub mod pg_embedded;
+pub mod queue;
+pub mod retry;
+pub mod signing;
+pub mod telemetry;
+pub mod webhooks;
+pub mod worker;
+
+/// The version every binary reports (`User-Agent`, `hookfleet_build_info`, `hookfleet.workers`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,284 @@
+//! The only code that reads or writes the queue tables (`delivery_queue`, `delivery_attempts`,
+//! `workers`): claim a batch, write a batch of results back, release what this worker still
+//! holds, rescue expired leases, prune old attempts, sample depth, heartbeat.
+//!
+//! Every write-back is fenced on `locked_by` = this worker and `in_flight`, so a worker whose
+//! lease expired can never overwrite the outcome of the worker that took the row over.
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+
+use crate::db::DbError;
+
+const CLAIM: &str = include_str!("../../../sql/queries/claim.sql");
+const COMPLETE_MANY: &str = include_str!("../../../sql/queries/complete_many.sql");
+const RELEASE: &str = include_str!("../../../sql/queries/release.sql");
+const RELEASE_HELD: &str = include_str!("../../../sql/queries/release_held.sql");
+const RESCUE_EXPIRED: &str = include_str!("../../../sql/queries/rescue_expired.sql");
+const PRUNE_ATTEMPTS: &str = include_str!("../../../sql/queries/prune_attempts.sql");
+const HEARTBEAT: &str = include_str!("../../../sql/queries/heartbeat.sql");
+const QUEUE_DEPTH: &str = include_str!("../../../sql/queries/queue_depth.sql");
+
+/// A delivery this worker holds under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    pub delivery_id: i64,
+    pub webhook_id: i64,
+    pub webhook_version: i64,
+    pub message_id: String,
+    pub event_type: Option<String>,
+    /// The JSON text of `message_body`, sent as is.
+    pub body: String,
+    pub retry_count: u32,
+    /// From the row, else the webhook; `None` means the worker's default applies.
+    pub max_retries: Option<u32>,
+    pub created_at: SystemTime,
+}
+
+/// How an attempt settles its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Failed, back to `pending` after `retry_delay`.
+    Retry,
+    Dead,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry => "retry",
+            Outcome::Dead => "dead",
+        }
+    }
+}
+
+/// One finished attempt, waiting to be written back.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery_id: i64,
+    pub webhook_id: i64,
+    pub outcome: Outcome,
+    /// The row's `retry_count` after this attempt.
+    pub retry_count: u32,
+    pub retry_delay: Duration,
+    pub attempt_number: u32,
+    pub status_code: Option<u16>,
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub response_excerpt: Option<String>,
+}
+
+/// Circuit-breaker thresholds passed to `hookfleet.update_webhook_health`.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+}
+
+/// What a batch write-back did.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionReport {
+    /// Rows settled by this worker.
+    pub settled: usize,
+    /// Attempts whose row this worker no longer held (lease expired and taken over, or deleted).
+    pub lost_leases: usize,
+}
+
+/// Pooled access to the queue tables.
+#[derive(Clone)]
+pub struct Queue {
+    pool: Pool,
+}
+
+impl Queue {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Claims up to `batch_size` due rows through `hookfleet.get_ready_deliveries`.
+    pub async fn claim(
+        &self,
+        worker_id: &str,
+        batch_size: u32,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedDelivery>, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(CLAIM).await?;
+        let batch_size = i32::try_from(batch_size).unwrap_or(i32::MAX);
+        let rows = client.query(&statement, &[&worker_id, &batch_size, &lease.as_secs_f64()]).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ClaimedDelivery {
+                    delivery_id: row.try_get(0)?,
+                    webhook_id: row.try_get(1)?,
+                    webhook_version: row.try_get(2)?,
+                    message_id: row.try_get(3)?,
+                    event_type: row.try_get(4)?,
+                    body: row.try_get(5)?,
+                    retry_count: non_negative(row.try_get::<_, i32>(6)?),
+                    max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
+                    created_at: row.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a batch of attempts back in one statement (see `complete_many.sql`).
+    pub async fn complete_many(
+        &self,
+        worker_id: &str,
+        records: &[AttemptRecord],
+        breaker: BreakerSettings,
+    ) -> Result<CompletionReport, DbError> {
+        if records.is_empty() {
+            return Ok(CompletionReport::default());
+        }
+        let mut delivery_ids = Vec::with_capacity(records.len());
+        let mut webhook_ids = Vec::with_capacity(records.len());
+        let mut outcomes = Vec::with_capacity(records.len());
+        let mut retry_counts = Vec::with_capacity(records.len());
+        let mut retry_delays_ms = Vec::with_capacity(records.len());
+        let mut attempt_numbers = Vec::with_capacity(records.len());
+        let mut status_codes = Vec::with_capacity(records.len());
+        let mut started_ats = Vec::with_capacity(records.len());
+        let mut durations_ms = Vec::with_capacity(records.len());
+        let mut error_classes = Vec::with_capacity(records.len());
+        let mut error_messages = Vec::with_capacity(records.len());
+        let mut excerpts = Vec::with_capacity(records.len());
+        for record in records {
+            delivery_ids.push(record.delivery_id);
+            webhook_ids.push(record.webhook_id);
+            outcomes.push(record.outcome.as_str());
+            retry_counts.push(saturating_i32(record.retry_count));
+            retry_delays_ms.push(record.retry_delay.as_secs_f64() * 1000.0);
+            attempt_numbers.push(saturating_i32(record.attempt_number));
+            status_codes.push(record.status_code.map(i32::from));
+            started_ats.push(record.started_at);
+            durations_ms.push(record.duration.as_secs_f64() * 1000.0);
+            error_classes.push(record.error_class.as_deref());
+            error_messages.push(record.error_message.as_deref());
+            excerpts.push(record.response_excerpt.as_deref());
+        }
+        let threshold = saturating_i32(breaker.failure_threshold);
+        let open_seconds = breaker.open_for.as_secs_f64();
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(COMPLETE_MANY).await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &worker_id,
+                    &delivery_ids,
+                    &webhook_ids,
+                    &outcomes,
+                    &retry_counts,
+                    &retry_delays_ms,
+                    &attempt_numbers,
+                    &status_codes,
+                    &started_ats,
+                    &durations_ms,
+                    &error_classes,
+                    &error_messages,
+                    &excerpts,
+                    &threshold,
+                    &open_seconds,
+                ],
+            )
+            .await?;
+        let settled: Vec<i64> = row.try_get(1)?;
+        Ok(CompletionReport { settled: settled.len(), lost_leases: records.len() - settled.len() })
+    }
+
+    /// Returns the given rows, if this worker still holds them, to `pending` without an attempt.
+    pub async fn release(&self, worker_id: &str, delivery_ids: &[i64]) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids]).await?)
+    }
+
+    /// Returns every row this worker still holds in flight to `pending` (graceful shutdown).
+    pub async fn release_held(&self, worker_id: &str) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(RELEASE_HELD, &[&worker_id]).await?)
+    }
+
+    /// Returns up to `limit` rows whose lease expired to `pending`; the number rescued.
+    pub async fn rescue_expired(&self, limit: u32) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(RESCUE_EXPIRED).await?;
+        Ok(client.execute(&statement, &[&saturating_i32(limit)]).await?)
+    }
+
+    /// Deletes up to `limit` attempts older than `retention`; the number deleted.
+    pub async fn prune_attempts(&self, retention: Duration, limit: u32) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(PRUNE_ATTEMPTS, &[&retention.as_secs_f64(), &saturating_i32(limit)]).await?)
+    }
+
+    /// Deliveries per status, and the age of the oldest due pending row.
+    pub async fn depth(&self) -> Result<QueueDepth, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(QUEUE_DEPTH).await?;
+        let rows = client.query(&statement, &[]).await?;
+        let mut depth = QueueDepth::default();
+        for row in rows {
+            let status: String = row.try_get(0)?;
+            let count: i64 = row.try_get(1)?;
+            if let Some(age) = row.try_get::<_, Option<f64>>(2)? {
+                depth.oldest_due_age = Duration::from_secs_f64(age.max(0.0));
+            }
+            depth.by_status.push((status, count));
+        }
+        Ok(depth)
+    }
+
+    /// Registers or refreshes this worker in `hookfleet.workers`.
+    pub async fn heartbeat(&self, worker: &WorkerIdentity, in_flight: u32) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(HEARTBEAT).await?;
+        client
+            .execute(
+                &statement,
+                &[&worker.worker_id, &worker.host, &worker.pid, &crate::VERSION, &saturating_i32(in_flight)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this worker from the registry (graceful shutdown).
+    pub async fn deregister(&self, worker_id: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client.execute("DELETE FROM hookfleet.workers WHERE worker_id = $1", &[&worker_id]).await?;
+        Ok(())
+    }
+}
+
+/// Who this worker is, as recorded in `hookfleet.workers`.
+#[derive(Debug, Clone)]
+pub struct WorkerIdentity {
+    pub worker_id: String,
+    pub host: String,
+    pub pid: i32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct QueueDepth {
+    pub by_status: Vec<(String, i64)>,
+    pub oldest_due_age: Duration,
+}
+
+fn non_negative(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+fn saturating_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}

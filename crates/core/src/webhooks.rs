@@ -1,0 +1,308 @@
+//! Webhooks: creating and listing them (URL and signing secrets encrypted at rest, bound to their
+//! row by AAD), and loading the decrypted delivery target a worker needs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Keyring;
+use crate::db::DbError;
+use crate::delivery::DeliveryClient;
+use crate::signing::SigningSecret;
+
+const LOAD_WEBHOOKS: &str = include_str!("../../../sql/queries/load_webhooks.sql");
+const MAX_EVENT_TYPES: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("invalid webhook: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("cannot decrypt webhook {webhook_id}: {message}")]
+    Decrypt { webhook_id: i64, message: String },
+}
+
+impl From<tokio_postgres::Error> for WebhookError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        WebhookError::Database(DbError::Postgres(error))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for WebhookError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        WebhookError::Database(DbError::Checkout(error))
+    }
+}
+
+/// What a caller supplies to create a webhook; `None` fields fall back to configured defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NewWebhook {
+    pub name: Option<String>,
+    pub url: String,
+    /// `whsec_...`; generated when absent.
+    pub secret: Option<String>,
+    pub event_types: Vec<String>,
+    pub rate_limit_rps: Option<f64>,
+    pub rate_limit_burst: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub timeout_ms: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    pub enabled: bool,
+}
+
+/// A webhook as users see it (SPEC §9); `secret` only in the answer to create.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WebhookView {
+    pub webhook_id: i64,
+    pub name: String,
+    pub url: String,
+    pub event_types: Vec<String>,
+    pub rate_limit_rps: Option<f64>,
+    pub rate_limit_burst: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub timeout_ms: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    pub enabled: bool,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub secret: Option<String>,
+}
+
+/// What a worker needs to deliver to one webhook, decrypted.
+pub struct WebhookTarget {
+    pub webhook_id: i64,
+    pub version: i64,
+    pub url: String,
+    /// Current secret first; older ones still inside their rotation window follow.
+    pub secrets: Vec<SigningSecret>,
+    pub timeout: Option<Duration>,
+    pub max_retries: Option<u32>,
+    pub enabled: bool,
+}
+
+/// The signing secrets as stored (inside the ciphertext).
+#[derive(Serialize, Deserialize)]
+struct StoredSecret {
+    secret: String,
+    /// Unix seconds after which an old secret is no longer used; `None` for the current one.
+    expires_at: Option<i64>,
+}
+
+fn url_aad(webhook_id: i64) -> Vec<u8> {
+    format!("hookfleet.webhooks:{webhook_id}:url").into_bytes()
+}
+
+fn secrets_aad(webhook_id: i64) -> Vec<u8> {
+    format!("hookfleet.webhooks:{webhook_id}:secrets").into_bytes()
+}
+
+#[derive(Clone)]
+pub struct WebhookStore {
+    pool: Pool,
+    keyring: Arc<Keyring>,
+}
+
+impl WebhookStore {
+    pub fn new(pool: Pool, keyring: Arc<Keyring>) -> Self {
+        Self { pool, keyring }
+    }
+
+    /// Validates and stores a new webhook. `client` checks the URL against the address policy, so
+    /// a URL that could never be delivered is refused now rather than dead later.
+    pub async fn create(&self, new: NewWebhook, client: &DeliveryClient) -> Result<WebhookView, WebhookError> {
+        let url =
+            client.check_url(&new.url).map_err(|error| WebhookError::Invalid(format!("url: {}", error.message)))?;
+        validate(&new)?;
+        let secret = match &new.secret {
+            Some(text) => {
+                SigningSecret::parse(text).map_err(|error| WebhookError::Invalid(format!("secret: {error}")))?
+            }
+            None => SigningSecret::generate(),
+        };
+        let name = match &new.name {
+            Some(name) => name.clone(),
+            None => url.host_str().unwrap_or("webhook").to_owned(),
+        };
+        let stored = vec![StoredSecret { secret: secret.to_whsec(), expires_at: None }];
+        let secrets_json = serde_json::to_vec(&stored).map_err(|error| WebhookError::Invalid(error.to_string()))?;
+
+        let client = self.pool.get().await?;
+        // The id is taken first because it is part of the ciphertexts' AAD.
+        let row =
+            client.query_one("SELECT nextval(pg_get_serial_sequence('hookfleet.webhooks', 'webhook_id'))", &[]).await?;
+        let webhook_id: i64 = row.try_get(0)?;
+        let url_encrypted = self.keyring.encrypt(url.as_str().as_bytes(), &url_aad(webhook_id));
+        let secrets_encrypted = self.keyring.encrypt(&secrets_json, &secrets_aad(webhook_id));
+        let row = client
+            .query_one(
+                "INSERT INTO hookfleet.webhooks (webhook_id, name, url_encrypted, secrets_encrypted, encryption_key_id, \
+                 event_types, rate_limit_rps, rate_limit_burst, max_retries, timeout_ms, max_in_flight, enabled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING created_at",
+                &[
+                    &webhook_id,
+                    &name,
+                    &url_encrypted,
+                    &secrets_encrypted,
+                    &self.keyring.current_key_id(),
+                    &new.event_types,
+                    &new.rate_limit_rps,
+                    &new.rate_limit_burst.map(to_i32),
+                    &new.max_retries.map(to_i32),
+                    &new.timeout_ms.map(to_i32),
+                    &new.max_in_flight.map(to_i32),
+                    &new.enabled,
+                ],
+            )
+            .await?;
+        let created_at: SystemTime = row.try_get(0)?;
+        Ok(WebhookView {
+            webhook_id,
+            name,
+            url: url.to_string(),
+            event_types: new.event_types,
+            rate_limit_rps: new.rate_limit_rps,
+            rate_limit_burst: new.rate_limit_burst,
+            max_retries: new.max_retries,
+            timeout_ms: new.timeout_ms,
+            max_in_flight: new.max_in_flight,
+            enabled: new.enabled,
+            created_at: humantime::format_rfc3339_seconds(created_at).to_string(),
+            secret: Some(secret.to_whsec()),
+        })
+    }
+
+    /// Every webhook, URL decrypted, secrets left out.
+    pub async fn list(&self) -> Result<Vec<WebhookView>, WebhookError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT webhook_id, name, url_encrypted, event_types, rate_limit_rps, rate_limit_burst, max_retries, \
+                 timeout_ms, max_in_flight, enabled, created_at FROM hookfleet.webhooks ORDER BY webhook_id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let webhook_id: i64 = row.try_get(0)?;
+                let url = self.decrypt_text(webhook_id, row.try_get(2)?, &url_aad(webhook_id))?;
+                let created_at: SystemTime = row.try_get(10)?;
+                Ok(WebhookView {
+                    webhook_id,
+                    name: row.try_get(1)?,
+                    url,
+                    event_types: row.try_get(3)?,
+                    rate_limit_rps: row.try_get(4)?,
+                    rate_limit_burst: row.try_get::<_, Option<i32>>(5)?.map(to_u32),
+                    max_retries: row.try_get::<_, Option<i32>>(6)?.map(to_u32),
+                    timeout_ms: row.try_get::<_, Option<i32>>(7)?.map(to_u32),
+                    max_in_flight: row.try_get::<_, Option<i32>>(8)?.map(to_u32),
+                    enabled: row.try_get(9)?,
+                    created_at: humantime::format_rfc3339_seconds(created_at).to_string(),
+                    secret: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Decrypted delivery targets for the given webhooks. A webhook that cannot be decrypted maps
+    /// to an error message (its deliveries fail with that reason); a deleted one is absent.
+    pub async fn load_targets(
+        &self,
+        webhook_ids: &[i64],
+    ) -> Result<HashMap<i64, Result<Arc<WebhookTarget>, String>>, WebhookError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(LOAD_WEBHOOKS).await?;
+        let rows = client.query(&statement, &[&webhook_ids]).await?;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let mut targets = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let webhook_id: i64 = row.try_get(0)?;
+            let target = self.decrypt_target(&row, webhook_id, now).map(Arc::new).map_err(|error| error.to_string());
+            targets.insert(webhook_id, target);
+        }
+        Ok(targets)
+    }
+
+    fn decrypt_target(
+        &self,
+        row: &tokio_postgres::Row,
+        webhook_id: i64,
+        now: i64,
+    ) -> Result<WebhookTarget, WebhookError> {
+        let url = self.decrypt_text(webhook_id, row.try_get(2)?, &url_aad(webhook_id))?;
+        let secrets_json = self.decrypt_text(webhook_id, row.try_get(3)?, &secrets_aad(webhook_id))?;
+        let stored: Vec<StoredSecret> = serde_json::from_str(&secrets_json)
+            .map_err(|error| WebhookError::Decrypt { webhook_id, message: format!("malformed secrets: {error}") })?;
+        let secrets = stored
+            .iter()
+            .filter(|secret| secret.expires_at.is_none_or(|expires_at| expires_at > now))
+            .map(|secret| SigningSecret::parse(&secret.secret))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| WebhookError::Decrypt { webhook_id, message: error.to_string() })?;
+        if secrets.is_empty() {
+            return Err(WebhookError::Decrypt { webhook_id, message: "no signing secret".into() });
+        }
+        Ok(WebhookTarget {
+            webhook_id,
+            version: row.try_get(1)?,
+            url,
+            secrets,
+            timeout: row.try_get::<_, Option<i32>>(4)?.map(|ms| Duration::from_millis(u64::from(to_u32(ms)))),
+            max_retries: row.try_get::<_, Option<i32>>(5)?.map(to_u32),
+            enabled: row.try_get(6)?,
+        })
+    }
+
+    fn decrypt_text(&self, webhook_id: i64, blob: &[u8], aad: &[u8]) -> Result<String, WebhookError> {
+        let plain = self
+            .keyring
+            .decrypt(blob, aad)
+            .map_err(|error| WebhookError::Decrypt { webhook_id, message: error.to_string() })?;
+        String::from_utf8(plain).map_err(|_| WebhookError::Decrypt { webhook_id, message: "not UTF-8".into() })
+    }
+}
+
+fn validate(new: &NewWebhook) -> Result<(), WebhookError> {
+    let invalid = |message: String| Err(WebhookError::Invalid(message));
+    if let Some(name) = &new.name {
+        if name.is_empty() || name.chars().count() > 200 {
+            return invalid("name: must be 1 to 200 characters".into());
+        }
+    }
+    if new.event_types.len() > MAX_EVENT_TYPES {
+        return invalid(format!("event_types: at most {MAX_EVENT_TYPES} event types, got {}", new.event_types.len()));
+    }
+    if let Some(bad) = new.event_types.iter().find(|event| event.is_empty() || event.len() > 256) {
+        return invalid(format!("event_types: {bad:?} must be 1 to 256 bytes"));
+    }
+    if let Some(rps) = new.rate_limit_rps {
+        if !(rps.is_finite() && rps > 0.0) {
+            return invalid(format!("rate_limit_rps: must be a positive number, got {rps}"));
+        }
+    }
+    if new.rate_limit_burst == Some(0) {
+        return invalid("rate_limit_burst: must be at least 1".into());
+    }
+    if new.max_retries.is_some_and(|retries| retries > 100) {
+        return invalid("max_retries: must be between 0 and 100".into());
+    }
+    if new.timeout_ms.is_some_and(|ms| ms == 0 || ms > 300_000) {
+        return invalid("timeout_ms: must be between 1 and 300000".into());
+    }
+    if new.max_in_flight == Some(0) {
+        return invalid("max_in_flight: must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn to_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn to_u32(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}

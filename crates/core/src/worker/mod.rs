@@ -1,0 +1,508 @@
+//! The worker engine. One claim loop takes batches of due deliveries (as many as there are free
+//! attempt slots, up to `BATCH_SIZE`), starts one task per delivery, and a single completer writes
+//! results back in batches: whatever finished while the previous write-back ran goes in the next
+//! one, so under load a round trip settles many rows and when idle a result is written at once.
+//!
+//! Shutdown is an explicit path: the token stops claiming and the services; in-flight attempts get
+//! `HOOKFLEET_SHUTDOWN_GRACE` to finish and be written back; whatever this worker still holds is
+//! released to `pending`; the worker deregisters.
+
+mod cache;
+mod depth;
+mod heartbeat;
+mod listen;
+mod prune;
+mod rescue;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use secrecy::ExposeSecret;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::crypto::Keyring;
+use crate::db::{self, DbError};
+use crate::delivery::{ClientOptions, DeliveryClient, DeliveryError, DeliveryRequest, Response};
+use crate::metrics::{self, Metrics, ReadinessCheck};
+use crate::queue::{AttemptRecord, BreakerSettings, ClaimedDelivery, Outcome, Queue, WorkerIdentity};
+use crate::retry::{self, RetryPolicy};
+use crate::signing;
+use crate::webhooks::{WebhookStore, WebhookTarget};
+
+/// Largest write-back batch; bigger backlogs are written in several statements.
+const MAX_COMPLETE_BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on METRICS_ADDR {addr}: {source}")]
+    MetricsBind { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// The settings the engine runs with, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub identity: WorkerIdentity,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    pub lease: Duration,
+    pub max_in_flight: u32,
+    pub http_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub default_max_retries: u32,
+    pub breaker: BreakerSettings,
+    pub shutdown_grace: Duration,
+    pub heartbeat_interval: Duration,
+    pub attempt_retention: Duration,
+}
+
+impl WorkerSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            identity: WorkerIdentity {
+                worker_id: config.worker_id.clone(),
+                host: hostname::get().map(|host| host.to_string_lossy().into_owned()).unwrap_or_default(),
+                pid: i32::try_from(std::process::id()).unwrap_or(0),
+            },
+            batch_size: config.batch_size,
+            poll_interval: config.poll_interval,
+            lease: config.lease,
+            max_in_flight: config.max_in_flight,
+            http_timeout: config.http_timeout,
+            retry: RetryPolicy { base: config.retry_base, max: config.retry_max },
+            default_max_retries: config.max_retries,
+            breaker: BreakerSettings {
+                failure_threshold: config.circuit_breaker_failure_threshold,
+                open_for: config.circuit_breaker_timeout,
+            },
+            shutdown_grace: config.shutdown_grace,
+            heartbeat_interval: config.heartbeat_interval,
+            attempt_retention: config.attempt_retention,
+        }
+    }
+}
+
+/// Runs a worker from configuration until `shutdown` fires and the drain is complete: the
+/// metrics server, the maintenance services and the engine.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let database_url = config.database_url.as_ref().ok_or(DbError::MissingUrl)?.expose_secret().to_owned();
+    let keyring = Arc::new(Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?);
+    let pool = db::pool(&database_url, "hookfleet-worker", config.db_pool_size as usize)?;
+    let client =
+        DeliveryClient::new(client_options(&config)).map_err(|error| WorkerError::Client(error.to_string()))?;
+    let metrics = Arc::new(Metrics::new()?);
+
+    let ready_pool = pool.clone();
+    let ready: ReadinessCheck = Arc::new(move || {
+        let pool = ready_pool.clone();
+        Box::pin(async move {
+            match pool.get().await {
+                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+                Err(_) => false,
+            }
+        })
+    });
+    let (metrics_addr, metrics_server) =
+        metrics::serve(config.metrics_addr, metrics::router(metrics.clone(), ready), shutdown.clone())
+            .await
+            .map_err(|source| WorkerError::MetricsBind { addr: config.metrics_addr, source })?;
+    tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let settings = WorkerSettings::from_config(&config);
+    let queue = Queue::new(pool.clone());
+    let store = WebhookStore::new(pool, keyring);
+    let engine = Engine { settings: Arc::new(settings), queue, store, client, metrics, database_url };
+    engine.run(shutdown).await;
+    if let Ok(Err(error)) = metrics_server.await {
+        tracing::warn!(%error, "metrics server stopped with an error");
+    }
+    Ok(())
+}
+
+/// The delivery client options a process derives from its configuration.
+pub fn client_options(config: &Config) -> ClientOptions {
+    ClientOptions {
+        allow_http: config.allow_http,
+        allowed_cidrs: config.allowed_cidrs.clone(),
+        connect_timeout: config.connect_timeout.min(config.http_timeout),
+        response_body_cap: config.response_body_cap,
+        user_agent: format!("hookfleet/{}", crate::VERSION),
+        extra_root_certificates: Vec::new(),
+    }
+}
+
+/// Everything one attempt task needs, shared by all of them.
+struct AttemptContext {
+    settings: Arc<WorkerSettings>,
+    client: DeliveryClient,
+    metrics: Arc<Metrics>,
+    results: mpsc::UnboundedSender<AttemptRecord>,
+    /// Fired when the shutdown grace runs out: unfinished attempts are abandoned (their rows are
+    /// released, so they are delivered again: at least once).
+    abandon: CancellationToken,
+}
+
+pub struct Engine {
+    settings: Arc<WorkerSettings>,
+    queue: Queue,
+    store: WebhookStore,
+    client: DeliveryClient,
+    metrics: Arc<Metrics>,
+    database_url: String,
+}
+
+impl Engine {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let settings = self.settings.clone();
+        let worker_id = settings.identity.worker_id.clone();
+        let wake = Arc::new(Notify::new());
+
+        let services = TaskTracker::new();
+        if let Err(error) = self.queue.heartbeat(&settings.identity, 0).await {
+            tracing::warn!(%error, "cannot register in hookfleet.workers yet; the heartbeat keeps trying");
+        }
+        services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
+        services.spawn(rescue::run(self.queue.clone(), settings.lease, self.metrics.clone(), shutdown.clone()));
+        services.spawn(depth::run(self.queue.clone(), self.metrics.clone(), shutdown.clone()));
+        services.spawn(prune::run(self.queue.clone(), settings.attempt_retention, shutdown.clone()));
+        services.spawn(listen::run(self.database_url.clone(), wake.clone(), shutdown.clone()));
+        services.close();
+
+        let (results, results_rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(complete(self.queue.clone(), settings.clone(), self.metrics.clone(), results_rx));
+        let context = Arc::new(AttemptContext {
+            settings: settings.clone(),
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+            results,
+            abandon: CancellationToken::new(),
+        });
+        let attempts = TaskTracker::new();
+        tracing::info!(%worker_id, batch_size = settings.batch_size, max_in_flight = settings.max_in_flight, "worker started");
+
+        self.claim_loop(&context, &attempts, &wake, &shutdown).await;
+
+        tracing::info!(in_flight = attempts.len(), grace = ?settings.shutdown_grace, "stopping: no more claims, finishing attempts");
+        attempts.close();
+        if tokio::time::timeout(settings.shutdown_grace, attempts.wait()).await.is_err() {
+            tracing::warn!(abandoned = attempts.len(), "shutdown grace ran out; abandoning unfinished attempts");
+            context.abandon.cancel();
+            attempts.wait().await;
+        }
+        // The completer ends once every sender (the context's and the tasks') is gone.
+        drop(context);
+        if let Err(error) = completer.await {
+            tracing::error!(%error, "write-back task failed");
+        }
+        services.wait().await;
+        match self.queue.release_held(&worker_id).await {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(released, "released unfinished deliveries to pending"),
+            Err(error) => tracing::warn!(%error, "cannot release held deliveries; their leases will expire"),
+        }
+        if let Err(error) = self.queue.deregister(&worker_id).await {
+            tracing::warn!(%error, "cannot deregister from hookfleet.workers");
+        }
+        tracing::info!(%worker_id, "worker stopped");
+    }
+
+    async fn claim_loop(
+        &self,
+        context: &Arc<AttemptContext>,
+        attempts: &TaskTracker,
+        wake: &Notify,
+        shutdown: &CancellationToken,
+    ) {
+        let settings = &self.settings;
+        let slots = Arc::new(Semaphore::new(settings.max_in_flight as usize));
+        let mut cache = cache::WebhookCache::new(self.store.clone());
+        let mut failures = 0u32;
+        loop {
+            // Wait for one free slot, then take whatever else is free, up to a batch.
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                permit = slots.clone().acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
+            };
+            let mut permits = vec![first];
+            while permits.len() < settings.batch_size as usize {
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            let requested = permits.len();
+            let started = Instant::now();
+            let claimed = match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease).await {
+                Ok(claimed) => {
+                    failures = 0;
+                    claimed
+                }
+                Err(error) => {
+                    drop(permits);
+                    failures += 1;
+                    self.metrics.database_errors_total.with_label_values(&["claim"]).inc();
+                    let pause = database_backoff(failures);
+                    tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
+                    if sleep_or_shutdown(pause, shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.metrics.claim_duration_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.claimed_total.inc_by(claimed.len() as u64);
+            let drained = claimed.len() < requested;
+            permits.truncate(claimed.len());
+            if !claimed.is_empty() {
+                self.start_attempts(claimed, permits, &mut cache, context, attempts).await;
+            }
+            if drained {
+                // Nothing more is due: sleep until an INSERT notifies us or the poll interval passes.
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(settings.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    async fn start_attempts(
+        &self,
+        claimed: Vec<ClaimedDelivery>,
+        permits: Vec<OwnedSemaphorePermit>,
+        cache: &mut cache::WebhookCache,
+        context: &Arc<AttemptContext>,
+        attempts: &TaskTracker,
+    ) {
+        let targets = match cache.resolve(&claimed).await {
+            Ok(targets) => targets,
+            Err(error) => {
+                // Give the rows back untouched rather than burn their retries on our own trouble.
+                self.metrics.database_errors_total.with_label_values(&["load_webhooks"]).inc();
+                tracing::warn!(%error, "cannot load webhooks; releasing the claimed deliveries");
+                let ids: Vec<i64> = claimed.iter().map(|delivery| delivery.delivery_id).collect();
+                if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &ids).await {
+                    tracing::warn!(%error, "cannot release deliveries; their leases will expire");
+                }
+                return;
+            }
+        };
+        let mut disabled = Vec::new();
+        for (delivery, permit) in claimed.into_iter().zip(permits) {
+            let target = match targets.get(&delivery.webhook_id) {
+                Some(Ok(target)) if !target.enabled => {
+                    disabled.push(delivery.delivery_id);
+                    continue;
+                }
+                Some(Ok(target)) => Ok(target.clone()),
+                Some(Err(message)) => Err(message.clone()),
+                None => Err(format!("webhook {} no longer exists", delivery.webhook_id)),
+            };
+            let span =
+                tracing::info_span!("attempt", delivery_id = delivery.delivery_id, webhook_id = delivery.webhook_id);
+            attempts.spawn(attempt(context.clone(), delivery, target, permit).instrument(span));
+        }
+        if !disabled.is_empty() {
+            if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &disabled).await {
+                tracing::warn!(%error, "cannot release deliveries of disabled webhooks");
+            }
+        }
+    }
+}
+
+/// One delivery attempt: sign, send, decide, hand the result to the completer.
+async fn attempt(
+    context: Arc<AttemptContext>,
+    delivery: ClaimedDelivery,
+    target: Result<Arc<WebhookTarget>, String>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let metrics = &context.metrics;
+    metrics.worker_in_flight.inc();
+    let started_at = SystemTime::now();
+    let started = Instant::now();
+    let max_retries = delivery.max_retries.unwrap_or(context.settings.default_max_retries);
+    let (result, decision) = match &target {
+        Ok(target) => {
+            let timestamp = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+            let body = Bytes::from(delivery.body.clone());
+            let result = match signing::signature_headers(&target.secrets, &delivery.message_id, timestamp, &body) {
+                Ok(headers) => {
+                    let request = DeliveryRequest {
+                        url: target.url.clone(),
+                        headers,
+                        body,
+                        timeout: target.timeout.unwrap_or(context.settings.http_timeout),
+                    };
+                    tokio::select! {
+                        outcome = context.client.send(request) => outcome.result,
+                        _ = context.abandon.cancelled() => {
+                            metrics.worker_in_flight.dec();
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    Err(DeliveryError { class: crate::delivery::ErrorClass::Protocol, message: error.to_string() })
+                }
+            };
+            let decision = context.settings.retry.decide(
+                &result,
+                delivery.retry_count,
+                max_retries,
+                SystemTime::now(),
+                &mut rand::rng(),
+            );
+            (Some(result), decision)
+        }
+        Err(_) => {
+            (None, context.settings.retry.decide_retryable_failure(delivery.retry_count, max_retries, &mut rand::rng()))
+        }
+    };
+    let duration = started.elapsed();
+
+    let webhook_label = delivery.webhook_id.to_string();
+    metrics.deliveries_total.with_label_values(&[decision.outcome.as_str(), &webhook_label]).inc();
+    metrics.delivery_duration_seconds.with_label_values(&[&webhook_label]).observe(duration.as_secs_f64());
+    if decision.outcome == Outcome::Retry {
+        metrics.retries_total.with_label_values(&[&webhook_label]).inc();
+    }
+
+    let (status_code, error_class, error_message, excerpt) = match (&result, &target) {
+        (Some(Ok(response)), _) => (
+            Some(response.status),
+            retry::error_class(&Ok::<_, DeliveryError>(response.clone())).map(str::to_owned),
+            status_error(response),
+            Some(response.body_excerpt.clone()).filter(|excerpt| !excerpt.is_empty()),
+        ),
+        (Some(Err(error)), _) => (None, Some(error.class.as_str().to_owned()), Some(error.to_string()), None),
+        (None, Err(message)) => (None, Some("webhook_unavailable".to_owned()), Some(message.clone()), None),
+        (None, Ok(_)) => (None, None, None, None),
+    };
+    match decision.outcome {
+        Outcome::Delivered => tracing::debug!(status = status_code, ?duration, "delivered"),
+        Outcome::Retry => {
+            tracing::info!(status = status_code, error = error_message.as_deref(), retry_in = ?decision.delay, "attempt failed; will retry")
+        }
+        Outcome::Dead => tracing::warn!(status = status_code, error = error_message.as_deref(), "delivery is dead"),
+    }
+    let record = AttemptRecord {
+        delivery_id: delivery.delivery_id,
+        webhook_id: delivery.webhook_id,
+        outcome: decision.outcome,
+        retry_count: decision.retry_count,
+        retry_delay: decision.delay,
+        attempt_number: delivery.retry_count + 1,
+        status_code,
+        started_at,
+        duration,
+        error_class,
+        error_message,
+        response_excerpt: excerpt,
+    };
+    // The completer outlives every attempt (it ends when the last sender is dropped).
+    let _ = context.results.send(record);
+    metrics.worker_in_flight.dec();
+}
+
+/// `last_error` for a non-2xx answer.
+fn status_error(response: &Response) -> Option<String> {
+    (!(200..300).contains(&response.status)).then(|| format!("HTTP {}", response.status))
+}
+
+/// The single writer of results: batches whatever has finished and writes it in one statement.
+async fn complete(
+    queue: Queue,
+    settings: Arc<WorkerSettings>,
+    metrics: Arc<Metrics>,
+    mut results: mpsc::UnboundedReceiver<AttemptRecord>,
+) {
+    let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
+    while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
+        write_back(&queue, &settings, &metrics, &batch).await;
+        batch.clear();
+    }
+}
+
+/// Writes one batch, retrying through database outages for up to one lease: after that the rows
+/// have been rescued by another worker and the fenced write would settle nothing anyway.
+async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) {
+    let deadline = Instant::now() + settings.lease;
+    let mut failures = 0;
+    loop {
+        match queue.complete_many(&settings.identity.worker_id, batch, settings.breaker).await {
+            Ok(report) => {
+                if report.lost_leases > 0 {
+                    metrics.lease_lost_total.inc_by(report.lost_leases as u64);
+                    tracing::warn!(
+                        lost = report.lost_leases,
+                        "write-back matched no row for some attempts: lease lost"
+                    );
+                }
+                return;
+            }
+            Err(error) => {
+                failures += 1;
+                metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                let pause = database_backoff(failures);
+                if Instant::now() + pause > deadline {
+                    tracing::error!(%error, rows = batch.len(), "giving up writing results back; the rows will be delivered again after their lease");
+                    return;
+                }
+                tracing::warn!(%error, rows = batch.len(), retry_in = ?pause, "cannot write results back; retrying");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// 100 ms doubling to 5 s: fast enough to notice a restarted database, slow enough not to hammer it.
+fn database_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
+
+/// Sleeps unless shutdown fires first; true when it did.
+async fn sleep_or_shutdown(pause: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(pause) => false,
+    }
+}
+
+/// Runs `tick` every `interval` until shutdown; the shape of every maintenance service.
+async fn run_every<F, Fut>(name: &'static str, interval: Duration, shutdown: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut timer = tokio::time::interval(interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = timer.tick() => tick().await,
+        }
+    }
+    tracing::debug!(service = name, "stopped");
+}
+
+/// Targets by webhook id, as the cache hands them out.
+type Targets = HashMap<i64, Result<Arc<WebhookTarget>, String>>;

@@ -1,0 +1,483 @@
+//! The test harness shared by every integration test.
+//!
+//! - [`database`]: a fresh database per test, cloned (`CREATE DATABASE … TEMPLATE`) from a
+//!   template migrated once per test binary, on one throwaway PostgreSQL per test binary started
+//!   from the machine's server binaries — or on the server `HOOKFLEET_TEST_DATABASE_URL` names.
+//! - [`Receiver`]: a loopback HTTP receiver that records every request and answers as told.
+//! - [`WorkerProcess`]: a real `hookfleet-worker` process pointed at a test database.
+//! - [`eventually`]: waits for a condition with a deadline, instead of sleeping.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hookfleet_core::crypto::{EncryptionKey, Keyring};
+use hookfleet_core::delivery::{ClientOptions, DeliveryClient};
+use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
+use hookfleet_core::webhooks::{NewWebhook, WebhookStore, WebhookView};
+use secrecy::SecretString;
+
+const TEMPLATE: &str = "hookfleet_template";
+
+/// One PostgreSQL server per test binary and its migrated template.
+pub struct Cluster {
+    /// `None` when `HOOKFLEET_TEST_DATABASE_URL` points at a server we did not start.
+    embedded: Option<Mutex<EmbeddedPostgres>>,
+    admin: ConnectionTarget,
+    template: String,
+    next: AtomicU32,
+    encryption_key: String,
+}
+
+/// How to build a connection string for a database on the test server.
+enum ConnectionTarget {
+    Embedded { socket_dir: PathBuf, port: u16 },
+    External(String),
+}
+
+impl ConnectionTarget {
+    fn for_database(&self, dbname: &str) -> String {
+        match self {
+            ConnectionTarget::Embedded { socket_dir, port } => {
+                format!("host={} port={port} user=postgres dbname={dbname}", socket_dir.display())
+            }
+            ConnectionTarget::External(url) => with_database(url, dbname),
+        }
+    }
+}
+
+/// Replaces the database of a URL or key=value connection string.
+fn with_database(url: &str, dbname: &str) -> String {
+    if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
+        let (location, query) = rest.split_once('?').map_or((rest, None), |(l, q)| (l, Some(q)));
+        let authority = location.split('/').next().unwrap_or(location);
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("postgresql://{authority}/{dbname}{query}")
+    } else {
+        format!("{url} dbname={dbname}")
+    }
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The test binary's cluster, started (and its template migrated) on first use.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        // Initialised on a plain thread with its own runtime: the caller may be inside any test's
+        // runtime, and nothing made here may depend on that runtime staying alive.
+        std::thread::spawn(start_cluster).join().expect("cluster start-up panicked")
+    })
+}
+
+fn start_cluster() -> Cluster {
+    let pid = std::process::id();
+    let (embedded, admin) = match std::env::var("HOOKFLEET_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => (None, ConnectionTarget::External(url)),
+        _ => {
+            let options = EmbeddedOptions {
+                stop_when_process_exits: Some(pid),
+                settings: vec![("max_connections".into(), "300".into())],
+                ..EmbeddedOptions::default()
+            };
+            let server =
+                EmbeddedPostgres::start(options).unwrap_or_else(|error| panic!("cannot start PostgreSQL: {error}"));
+            let target =
+                ConnectionTarget::Embedded { socket_dir: server.socket_dir().to_path_buf(), port: server.port() };
+            (Some(Mutex::new(server)), target)
+        }
+    };
+    // Unique per test binary so that binaries sharing an external server don't collide.
+    let template = format!("{TEMPLATE}_{pid}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let admin_client = connect(&admin.for_database("postgres")).await;
+        // Two statements: DROP/CREATE DATABASE refuse to run inside the implicit transaction of
+        // a multi-statement query.
+        admin_client.batch_execute(&format!("DROP DATABASE IF EXISTS {template}")).await.expect("drop old template");
+        admin_client.batch_execute(&format!("CREATE DATABASE {template}")).await.expect("create template database");
+        let mut client = connect(&admin.for_database(&template)).await;
+        hookfleet_core::db::migrate(&mut client, 262_144).await.expect("migrate template database");
+    });
+    Cluster { embedded, admin, template, next: AtomicU32::new(0), encryption_key: EncryptionKey::generate_base64() }
+}
+
+async fn connect(connection_string: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(connection_string, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("cannot connect to test PostgreSQL: {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+impl Cluster {
+    /// The embedded server, for tests that stop, crash or restart PostgreSQL.
+    pub fn embedded(&self) -> Option<&Mutex<EmbeddedPostgres>> {
+        self.embedded.as_ref()
+    }
+
+    /// The base64 encryption key every test process of this binary uses.
+    pub fn encryption_key(&self) -> &str {
+        &self.encryption_key
+    }
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDatabase {
+    pub name: String,
+    /// Connection string for `DATABASE_URL`.
+    pub url: String,
+}
+
+/// Clones the migrated template into a new database for the calling test.
+pub async fn database() -> TestDatabase {
+    let cluster = cluster();
+    let n = cluster.next.fetch_add(1, Ordering::SeqCst);
+    let name = format!("hookfleet_test_{}_{n}", std::process::id());
+    let admin = connect(&cluster.admin.for_database("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {}", cluster.template))
+        .await
+        .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
+    TestDatabase { url: cluster.admin.for_database(&name), name }
+}
+
+impl TestDatabase {
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// The environment a process needs to use this database with loopback receivers.
+    pub fn env(&self) -> HashMap<String, String> {
+        let cluster = cluster();
+        HashMap::from([
+            ("DATABASE_URL".into(), self.url.clone()),
+            ("HOOKFLEET_ENCRYPTION_KEY".into(), cluster.encryption_key.clone()),
+            ("HOOKFLEET_ALLOW_HTTP".into(), "true".into()),
+            ("HOOKFLEET_ALLOWED_CIDRS".into(), "127.0.0.0/8,::1/128".into()),
+        ])
+    }
+
+    pub fn webhook_store(&self) -> WebhookStore {
+        let pool = hookfleet_core::db::pool(&self.url, "hookfleet-test", 2).expect("pool");
+        let key = SecretString::from(cluster().encryption_key.clone());
+        let keyring = Keyring::from_settings(Some(&key), &[]).expect("keyring");
+        WebhookStore::new(pool, Arc::new(keyring))
+    }
+
+    /// Creates a webhook the way `hookfleet webhooks create` does, allowing loopback URLs.
+    pub async fn create_webhook(&self, new: NewWebhook) -> WebhookView {
+        let client = loopback_client();
+        self.webhook_store().create(new, &client).await.expect("create webhook")
+    }
+}
+
+/// A delivery client that may reach loopback receivers, as tests configure workers.
+pub fn loopback_client() -> DeliveryClient {
+    DeliveryClient::new(ClientOptions {
+        allow_http: true,
+        allowed_cidrs: vec!["127.0.0.0/8".parse().expect("cidr"), "::1/128".parse().expect("cidr")],
+        connect_timeout: Duration::from_secs(2),
+        response_body_cap: 65_536,
+        user_agent: "hookfleet-test".into(),
+        extra_root_certificates: Vec::new(),
+    })
+    .expect("delivery client")
+}
+
+/// Polls `check` every 20 ms until it yields a value or `deadline` passes (then panics with `what`).
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct ReceivedRequest {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub received_at: Instant,
+    pub version: axum::http::Version,
+}
+
+impl ReceivedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+}
+
+/// What the receiver answers.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self { status, headers: Vec::new(), body: String::new() }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+type Responder = dyn Fn(&ReceivedRequest, usize) -> Reply + Send + Sync;
+
+struct ReceiverState {
+    requests: Mutex<Vec<ReceivedRequest>>,
+    responder: Box<Responder>,
+}
+
+/// A loopback HTTP receiver on 127.0.0.1 that records every request.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Answers every request with 200.
+    pub async fn ok() -> Self {
+        Self::start(|_, _| Reply::status(200)).await
+    }
+
+    /// `responder` gets each request and how many requests came before it.
+    pub async fn start(responder: impl Fn(&ReceivedRequest, usize) -> Reply + Send + Sync + 'static) -> Self {
+        let state = Arc::new(ReceiverState { requests: Mutex::new(Vec::new()), responder: Box::new(responder) });
+        let app = axum::Router::new().fallback(receive).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state, server }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<ReceivedRequest> {
+        self.state.requests.lock().expect("receiver lock").clone()
+    }
+
+    /// Waits until at least `count` requests arrived.
+    pub async fn wait_for(&self, count: usize, deadline: Duration) -> Vec<ReceivedRequest> {
+        eventually(deadline, &format!("{count} requests at the receiver"), || async {
+            let requests = self.requests();
+            (requests.len() >= count).then_some(requests)
+        })
+        .await
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn receive(State(state): State<Arc<ReceiverState>>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 16 * 1024 * 1024).await.unwrap_or_default();
+    let received = ReceivedRequest {
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers,
+        body,
+        received_at: Instant::now(),
+        version: parts.version,
+    };
+    let reply = {
+        let mut requests = state.requests.lock().expect("receiver lock");
+        let reply = (state.responder)(&received, requests.len());
+        requests.push(received);
+        reply
+    };
+    let mut response = (StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK), reply.body).into_response();
+    for (name, value) in reply.headers {
+        if let (Ok(name), Ok(value)) = (name.parse::<axum::http::HeaderName>(), value.parse()) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+/// A running `hookfleet-worker` process; killed on drop.
+pub struct WorkerProcess {
+    child: Child,
+    pub worker_id: String,
+    pub metrics_addr: SocketAddr,
+    log: tempfile::NamedTempFile,
+}
+
+/// Settings that make workers quick in tests: short polls and retries, loopback allowed.
+pub fn test_worker_env(db: &TestDatabase, worker_id: &str, metrics_addr: SocketAddr) -> HashMap<String, String> {
+    let mut env = db.env();
+    env.extend([
+        ("WORKER_ID".to_owned(), worker_id.to_owned()),
+        ("METRICS_ADDR".to_owned(), metrics_addr.to_string()),
+        ("POLL_INTERVAL".to_owned(), "200ms".to_owned()),
+        ("HOOKFLEET_RETRY_BASE".to_owned(), "100ms".to_owned()),
+        ("HOOKFLEET_RETRY_MAX".to_owned(), "2s".to_owned()),
+        ("HOOKFLEET_HEARTBEAT_INTERVAL".to_owned(), "1s".to_owned()),
+        ("HTTP_TIMEOUT".to_owned(), "2s".to_owned()),
+        ("HOOKFLEET_LEASE".to_owned(), "10s".to_owned()),
+        ("LOG_LEVEL".to_owned(), "info".to_owned()),
+    ]);
+    env
+}
+
+/// A free loopback port for a process's METRICS_ADDR.
+pub fn free_loopback_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+impl WorkerProcess {
+    /// Starts `binary` with `test_worker_env` plus `overrides`.
+    pub fn spawn(binary: &Path, db: &TestDatabase, worker_id: &str, overrides: &[(&str, &str)]) -> Self {
+        let metrics_addr = free_loopback_addr();
+        let mut env = test_worker_env(db, worker_id, metrics_addr);
+        for (name, value) in overrides {
+            env.insert((*name).to_owned(), (*value).to_owned());
+        }
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = Command::new(binary)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&env)
+            .stdin(Stdio::null())
+            .stdout(log.reopen().expect("log"))
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
+        Self { child, worker_id: worker_id.to_owned(), metrics_addr, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|status| status.success()), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub async fn wait(&mut self, deadline: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "worker did not exit within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GETs a path from the worker's metrics server (plain HTTP/1.0 over loopback).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await.ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        Some((status, body))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Verifies a received request with the official `standardwebhooks` Python package.
+pub fn verify_with_python(secret: &str, request: &ReceivedRequest) -> Result<(), String> {
+    let headers: serde_json::Map<String, serde_json::Value> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .iter()
+        .map(|name| ((*name).to_owned(), serde_json::Value::from(request.header(name).unwrap_or_default())))
+        .collect();
+    let input = serde_json::json!({
+        "secret": secret,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&request.body),
+    });
+    let script = "import json, sys\n\
+from standardwebhooks.webhooks import Webhook\n\
+data = json.load(sys.stdin)\n\
+Webhook(data['secret']).verify(data['body'], data['headers'])\n\
+print('verified')\n";
+    // scripts/test points this at a virtualenv when the system Python lacks the package.
+    let python = std::env::var("HOOKFLEET_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot run python3: {error}"))?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().ok_or("no stdin")?;
+        stdin.write_all(input.to_string().as_bytes()).map_err(|error| error.to_string())?;
+    }
+    let output = child.wait_with_output().map_err(|error| error.to_string())?;
+    if output.status.success() && String::from_utf8_lossy(&output.stdout).contains("verified") {
+        Ok(())
+    } else {
+        Err(format!(
+            "standardwebhooks refused the request: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_of_either_form() {
+        assert_eq!(
+            with_database("postgresql://u:p@h:5432/db?sslmode=disable", "t1"),
+            "postgresql://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "t1"), "postgresql://h/t1");
+        assert_eq!(with_database("host=/tmp port=5432", "t1"), "host=/tmp port=5432 dbname=t1");
+    }
+}

@@ -1,0 +1,422 @@
+//! End-to-end delivery with the real `hookfleet-worker` binary, a test database and a loopback
+//! receiver: the spine from a producer's INSERT to a signed request and back to the row.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hookfleet_core::webhooks::{NewWebhook, WebhookView};
+use hookfleet_test_support::{database, eventually, verify_with_python, Receiver, Reply, TestDatabase, WorkerProcess};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn worker_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hookfleet-worker"))
+}
+
+async fn webhook(db: &TestDatabase, url: String) -> WebhookView {
+    db.create_webhook(NewWebhook { url, enabled: true, ..NewWebhook::default() }).await
+}
+
+/// The row's status, retry count, last status code and last error.
+async fn delivery_row(db: &TestDatabase, delivery_id: i64) -> (String, i32, Option<i32>, Option<String>) {
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT delivery_status, retry_count, last_status_code, last_error FROM hookfleet.delivery_queue WHERE delivery_id = $1",
+            &[&delivery_id],
+        )
+        .await
+        .expect("delivery row");
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+async fn wait_for_status(
+    db: &TestDatabase,
+    delivery_id: i64,
+    status: &str,
+) -> (String, i32, Option<i32>, Option<String>) {
+    eventually(DEADLINE, &format!("delivery {delivery_id} to be {status}"), || async {
+        let row = delivery_row(db, delivery_id).await;
+        (row.0 == status).then_some(row)
+    })
+    .await
+}
+
+async fn insert(db: &TestDatabase, webhook_id: i64, body: &str) -> i64 {
+    let client = db.client().await;
+    let body: serde_json::Value = serde_json::from_str(body).expect("json");
+    client
+        .query_one(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ($1, $2) RETURNING delivery_id",
+            &[&webhook_id, &body],
+        )
+        .await
+        .expect("insert")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_insert_is_delivered_signed_and_verifiable() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/hook")).await;
+    assert_eq!(hook.webhook_id, 100, "the first webhook gets the id the README's example uses");
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+
+    let delivery_id = insert(&db, hook.webhook_id, r#"{"type":"test","n":1}"#).await;
+    let requests = receiver.wait_for(1, DEADLINE).await;
+    let request = &requests[0];
+    assert_eq!(request.path, "/hook");
+    assert_eq!(String::from_utf8_lossy(&request.body), r#"{"n": 1, "type": "test"}"#);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert!(request.header("user-agent").is_some_and(|agent| agent.starts_with("hookfleet/")));
+    assert!(request.header("webhook-id").is_some_and(|id| id.starts_with("msg_")));
+    assert!(request.header("x-webhook-signature").is_some_and(|sig| sig.starts_with("sha256=")));
+    assert_eq!(request.header("x-webhook-timestamp"), request.header("webhook-timestamp"));
+    verify_with_python(hook.secret.as_deref().expect("secret"), request).expect("official verifier accepts it");
+
+    let (status, retries, code, error) = wait_for_status(&db, delivery_id, "delivered").await;
+    assert_eq!((retries, code, error), (0, Some(200), None));
+    let client = db.client().await;
+    let attempt = client
+        .query_one(
+            "SELECT attempt_number, worker_id, status_code, error_class, outcome FROM hookfleet.delivery_attempts WHERE delivery_id = $1",
+            &[&delivery_id],
+        )
+        .await
+        .expect("one attempt row");
+    assert_eq!(attempt.get::<_, i32>(0), 1);
+    assert_eq!(attempt.get::<_, String>(1), "w1");
+    assert_eq!(attempt.get::<_, Option<i32>>(2), Some(200));
+    assert_eq!(attempt.get::<_, Option<String>>(3), None);
+    assert_eq!(attempt.get::<_, String>(4), "delivered");
+    let health = client
+        .query_one(
+            "SELECT total_attempts, successful_attempts, health_status FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+            &[&hook.webhook_id],
+        )
+        .await
+        .expect("health row");
+    assert_eq!(
+        (health.get::<_, i64>(0), health.get::<_, i64>(1), health.get::<_, String>(2)),
+        (1, 1, "healthy".into())
+    );
+    assert_eq!(status, "delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_insert_is_never_delivered_and_a_committed_one_is() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let mut client = db.client().await;
+    client.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.expect("business table");
+
+    // The producer's own business transaction, rolled back: neither row may survive.
+    let transaction = client.transaction().await.expect("begin");
+    transaction.execute("INSERT INTO orders VALUES (1)", &[]).await.expect("order");
+    transaction
+        .execute(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, message_body) VALUES ($1, 'rolled-back', '{\"order\":1}')",
+            &[&hook.webhook_id],
+        )
+        .await
+        .expect("outbox row");
+    transaction.rollback().await.expect("rollback");
+    // The same, committed: delivered.
+    let transaction = client.transaction().await.expect("begin");
+    transaction.execute("INSERT INTO orders VALUES (2)", &[]).await.expect("order");
+    transaction
+        .execute(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, message_body) VALUES ($1, 'committed', '{\"order\":2}')",
+            &[&hook.webhook_id],
+        )
+        .await
+        .expect("outbox row");
+    transaction.commit().await.expect("commit");
+
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    receiver.wait_for(1, DEADLINE).await;
+    let committed: i64 = client
+        .query_one("SELECT delivery_id FROM hookfleet.delivery_queue WHERE message_id = 'committed'", &[])
+        .await
+        .expect("committed row")
+        .get(0);
+    wait_for_status(&db, committed, "delivered").await;
+    let rows: i64 = client.query_one("SELECT count(*) FROM hookfleet.delivery_queue", &[]).await.expect("count").get(0);
+    assert_eq!(rows, 1, "the rolled-back row never existed");
+    let ids: Vec<String> =
+        receiver.requests().iter().map(|request| request.header("webhook-id").unwrap_or_default().to_owned()).collect();
+    assert_eq!(ids, ["committed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failure_and_is_never_followed() {
+    let db = database().await;
+    let receiver = Receiver::start(|request, _| {
+        if request.path == "/elsewhere" {
+            Reply::status(200)
+        } else {
+            Reply::status(302).with_header("location", "/elsewhere")
+        }
+    })
+    .await;
+    let hook = webhook(&db, receiver.url("/hook")).await;
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    assert_eq!((retries, code, error.as_deref()), (0, Some(302), Some("HTTP 302")));
+    assert!(receiver.requests().iter().all(|request| request.path == "/hook"), "the redirect was followed");
+    assert_eq!(receiver.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_error_is_dead_at_once() {
+    let db = database().await;
+    let receiver = Receiver::start(|_, _| Reply::status(404)).await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "dead").await;
+    assert_eq!((retries, code), (0, Some(404)));
+    assert_eq!(receiver.requests().len(), 1, "a 404 is not retried");
+    let class: Option<String> = db
+        .client()
+        .await
+        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("attempt")
+        .get(0);
+    assert_eq!(class.as_deref(), Some("http_4xx"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_on_429_and_408_is_honoured() {
+    for status in [429u16, 408] {
+        let db = database().await;
+        // The first answer asks for one second; the second succeeds.
+        let receiver = Receiver::start(move |_, seen| {
+            if seen == 0 {
+                Reply::status(status).with_header("retry-after", "1")
+            } else {
+                Reply::status(200)
+            }
+        })
+        .await;
+        let hook = webhook(&db, receiver.url("/")).await;
+        let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+        let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+        let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+        assert_eq!((retries, code), (1, Some(200)), "status {status}");
+        let requests = receiver.requests();
+        assert_eq!(requests.len(), 2);
+        let waited = requests[1].received_at - requests[0].received_at;
+        assert!(waited >= Duration::from_millis(900), "Retry-After: 1 but retried after {waited:?} (status {status})");
+        assert_eq!(requests[0].header("webhook-id"), requests[1].header("webhook-id"), "a retry keeps its webhook-id");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_until_dead_then_replay_delivers() {
+    let db = database().await;
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let switch = failing.clone();
+    let receiver = Receiver::start(move |_, _| {
+        if switch.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(204)
+        }
+    })
+    .await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    let client = db.client().await;
+    let delivery_id: i64 = client
+        .query_one(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, max_retries) VALUES ($1, '{}', 2) RETURNING delivery_id",
+            &[&hook.webhook_id],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    assert_eq!((retries, code, error.as_deref()), (2, Some(503), Some("HTTP 503")));
+    assert_eq!(receiver.requests().len(), 3, "one attempt and two retries");
+    let outcomes: Vec<String> = client
+        .query(
+            "SELECT outcome FROM hookfleet.delivery_attempts WHERE delivery_id = $1 ORDER BY attempt_number",
+            &[&delivery_id],
+        )
+        .await
+        .expect("attempts")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(outcomes, ["retry", "retry", "dead"]);
+    let consecutive: i32 = client
+        .query_one(
+            "SELECT consecutive_failures FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+            &[&hook.webhook_id],
+        )
+        .await
+        .expect("health")
+        .get(0);
+    assert_eq!(consecutive, 3);
+
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let replayed: String =
+        client.query_one("SELECT hookfleet.replay_delivery($1)", &[&delivery_id]).await.expect("replay").get(0);
+    assert_eq!(replayed, "pending");
+    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+    assert_eq!((retries, code), (0, Some(204)));
+    assert_eq!(receiver.requests().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_deliver_every_row_exactly_once() {
+    const ROWS: i64 = 600;
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let workers: Vec<WorkerProcess> = (1..=3)
+        .map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &[("BATCH_SIZE", "20")]))
+        .collect();
+    let client = db.client().await;
+    // Inserted in several statements while the workers run, as producers would.
+    for chunk in 0i64..6 {
+        client
+            .execute(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, message_body) \
+                 SELECT $1, 'm' || n, jsonb_build_object('n', n) FROM generate_series($2::bigint, $3::bigint) n",
+                &[&hook.webhook_id, &(chunk * 100 + 1), &(chunk * 100 + 100)],
+            )
+            .await
+            .expect("insert");
+    }
+    let requests = receiver.wait_for(ROWS as usize, Duration::from_secs(60)).await;
+    eventually(DEADLINE, "every row delivered", || async {
+        let delivered: i64 = client
+            .query_one("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'", &[])
+            .await
+            .ok()?
+            .get(0);
+        (delivered == ROWS).then_some(())
+    })
+    .await;
+    let mut ids: Vec<String> =
+        requests.iter().map(|request| request.header("webhook-id").unwrap_or_default().to_owned()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as i64, ROWS, "every message arrived");
+    assert_eq!(receiver.requests().len() as i64, ROWS, "and none twice");
+    let per_worker = client
+        .query("SELECT worker_id, count(*) FROM hookfleet.delivery_attempts GROUP BY 1 ORDER BY 1", &[])
+        .await
+        .expect("attempts");
+    assert_eq!(per_worker.len(), 3, "all three workers took part: {per_worker:?}");
+    drop(workers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_address_is_dead_with_class_blocked() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    // This worker allows http but not loopback: the guard must refuse 127.0.0.1 before connecting.
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HOOKFLEET_ALLOWED_CIDRS", "")]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    assert_eq!((retries, code), (0, None));
+    assert!(error.as_deref().is_some_and(|error| error.contains("blocked")), "last_error: {error:?}");
+    let class: Option<String> = db
+        .client()
+        .await
+        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("attempt")
+        .get(0);
+    assert_eq!(class.as_deref(), Some("blocked"));
+    assert!(receiver.requests().is_empty(), "nothing reached the receiver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_are_served() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let worker = WorkerProcess::spawn(worker_binary(), &db, "w-metrics", &[]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    wait_for_status(&db, delivery_id, "delivered").await;
+    let (status, _) = eventually(DEADLINE, "/healthz", || worker.get("/healthz")).await;
+    assert_eq!(status, 200);
+    let (status, _) = eventually(DEADLINE, "/readyz", || worker.get("/readyz")).await;
+    assert_eq!(status, 200);
+    // The depth sampler and the heartbeat run on timers: wait until every series has appeared.
+    let expected = [
+        "webhook_deliveries_total{status=\"delivered\",webhook_id=\"100\"} 1",
+        "webhook_delivery_duration_seconds_bucket",
+        "worker_in_flight",
+        "worker_health_status{worker_id=\"w-metrics\"} 1",
+        "webhook_queue_depth{status=\"delivered\"} 1",
+        "process_resident_memory_bytes",
+    ];
+    let last = std::sync::Mutex::new(String::new());
+    let found = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some((_, body)) = worker.get("/metrics").await {
+                let done = expected.iter().all(|name| body.contains(name));
+                *last.lock().unwrap() = body;
+                if done {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let text = last.lock().unwrap().clone();
+    let missing: Vec<&&str> = expected.iter().filter(|name| !text.contains(**name)).collect();
+    assert!(found.is_ok() && missing.is_empty(), "missing from /metrics: {missing:?}");
+    let live: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM hookfleet.v_workers WHERE worker_id = 'w-metrics'", &[])
+        .await
+        .expect("v_workers")
+        .get(0);
+    assert_eq!(live, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_deregisters_and_exits_zero() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let mut worker = WorkerProcess::spawn(worker_binary(), &db, "w-term", &[]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    wait_for_status(&db, delivery_id, "delivered").await;
+    worker.signal("TERM");
+    let status = worker.wait(DEADLINE).await;
+    assert!(status.success(), "exit status {status:?}; log:\n{}", worker.log());
+    let registered: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-term'", &[])
+        .await
+        .expect("workers")
+        .get(0);
+    assert_eq!(registered, 0, "the worker deregistered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_stops_start_up_naming_the_setting() {
+    let db = database().await;
+    for (name, value) in [("HOOKFLEET_LEASE", "soon"), ("BATCH_SIZE", "0"), ("HOOKFLEET_ENCRYPTION_KEY", "short")] {
+        let mut worker = WorkerProcess::spawn(worker_binary(), &db, "w-bad", &[(name, value)]);
+        let status = worker.wait(DEADLINE).await;
+        assert!(!status.success(), "{name}={value} was accepted");
+        let log = worker.log();
+        assert!(log.contains(name), "{name}={value}: the message does not name the setting:\n{log}");
+    }
+}

@@ -1,0 +1,48 @@
+-- Write back one batch of attempts in one statement: settle each attempted row (fenced: only rows
+-- this worker still holds in flight), record every attempt, and update each webhook's health.
+-- Rows whose lease was lost are not settled (another worker owns them now) but their attempts are
+-- still recorded, because the HTTP request really happened.
+-- Health rows are updated in webhook_id order so that concurrent batches from several workers
+-- always lock them in the same order and cannot deadlock.
+WITH input AS (
+    SELECT *
+    FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::integer[], $6::float8[], $7::integer[],
+                $8::integer[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[], $13::text[])
+         AS i(delivery_id, webhook_id, outcome, retry_count, retry_delay_ms, attempt_number,
+              status_code, started_at, duration_ms, error_class, error_message, response_excerpt)
+),
+settled AS (
+    UPDATE hookfleet.delivery_queue q
+    SET delivery_status = CASE i.outcome WHEN 'retry' THEN 'pending' ELSE i.outcome END,
+        retry_count = i.retry_count,
+        next_attempt_at = CASE WHEN i.outcome = 'retry'
+                               THEN now() + make_interval(secs => i.retry_delay_ms / 1000.0)
+                               ELSE q.next_attempt_at END,
+        delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() ELSE NULL END,
+        last_attempt_at = i.started_at,
+        last_status_code = i.status_code,
+        last_error = i.error_message,
+        locked_by = NULL,
+        locked_until = NULL
+    FROM input i
+    WHERE q.delivery_id = i.delivery_id
+      AND q.locked_by = $1::text
+      AND q.delivery_status = 'in_flight'
+    RETURNING q.delivery_id
+),
+attempts AS (
+    INSERT INTO hookfleet.delivery_attempts
+        (delivery_id, webhook_id, attempt_number, worker_id, started_at, duration_ms, status_code,
+         error_class, error_message, response_excerpt, outcome)
+    SELECT i.delivery_id, i.webhook_id, i.attempt_number, $1::text, i.started_at, i.duration_ms,
+           i.status_code, i.error_class, i.error_message, i.response_excerpt, i.outcome
+    FROM input i
+),
+health AS (
+    SELECT hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms,
+                                           COALESCE(h.error_message, h.error_class),
+                                           $14::integer, $15::float8) AS health_status
+    FROM (SELECT * FROM input ORDER BY webhook_id, delivery_id) h
+)
+SELECT (SELECT count(*) FROM health)::bigint AS health_rows,
+       ARRAY(SELECT delivery_id FROM settled) AS settled_ids
