@@ -240,29 +240,28 @@ END
 $$;
 COMMENT ON FUNCTION hookfleet.replay_delivery(bigint) IS 'Resets a dead, cancelled or delivered delivery to pending (due now, retry budget reset)';
 
--- Cancels a pending delivery. Returns 'cancelled', or the status that prevented it (an in_flight
+-- Cancels a pending delivery. Answers whether this call cancelled it, and the delivery's status
+-- afterwards: (true, 'cancelled'), or (false, <status>) when it was not pending (an in_flight
 -- delivery is already being attempted and cannot be cancelled).
-CREATE FUNCTION hookfleet.cancel_delivery(delivery_id bigint) RETURNS text
+CREATE FUNCTION hookfleet.cancel_delivery(delivery_id bigint, OUT cancelled boolean, OUT delivery_status text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
-DECLARE
-    current_status text;
 BEGIN
-    SELECT q.delivery_status INTO current_status FROM hookfleet.delivery_queue q
+    SELECT q.delivery_status INTO cancel_delivery.delivery_status FROM hookfleet.delivery_queue q
     WHERE q.delivery_id = cancel_delivery.delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'hookfleet: delivery % does not exist', cancel_delivery.delivery_id
             USING ERRCODE = 'no_data_found';
     END IF;
-    IF current_status <> 'pending' THEN
-        RETURN current_status;
+    cancelled := cancel_delivery.delivery_status = 'pending';
+    IF cancelled THEN
+        UPDATE hookfleet.delivery_queue q SET delivery_status = 'cancelled'
+        WHERE q.delivery_id = cancel_delivery.delivery_id;
+        cancel_delivery.delivery_status := 'cancelled';
     END IF;
-    UPDATE hookfleet.delivery_queue q SET delivery_status = 'cancelled'
-    WHERE q.delivery_id = cancel_delivery.delivery_id;
-    RETURN 'cancelled';
 END
 $$;
-COMMENT ON FUNCTION hookfleet.cancel_delivery(bigint) IS 'Cancels a pending delivery; returns cancelled, or the current status when it could not be cancelled';
+COMMENT ON FUNCTION hookfleet.cancel_delivery(bigint) IS 'Cancels a pending delivery; returns (cancelled, delivery_status): whether this call cancelled it and the status now';
 
 -- Fan-out: one row per enabled webhook subscribed to event_type (an empty subscription list means
 -- all events). Idempotent per message_id. Returns how many rows were inserted.

@@ -168,11 +168,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel { delivery_id } => {
             let client = db::connect(&url, "hookfleet-cli").await?;
             let row = client
-                .query_one("SELECT hookfleet.cancel_delivery($1)", &[&delivery_id])
+                .query_one("SELECT cancelled, delivery_status FROM hookfleet.cancel_delivery($1)", &[&delivery_id])
                 .await
                 .map_err(|error| anyhow::anyhow!(db::describe(&error)))?;
-            let status: String = row.try_get(0)?;
-            if status != "cancelled" {
+            let (cancelled, status): (bool, String) = (row.try_get(0)?, row.try_get(1)?);
+            if !cancelled {
                 bail!("delivery {delivery_id} is {status}; only pending deliveries can be cancelled");
             }
             println!("delivery {delivery_id} cancelled");

@@ -134,8 +134,9 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
 
     // 4. The fleet.
     let mut workers = Vec::new();
+    let mut metrics_addrs = Vec::new();
     for n in 1..=options.workers {
-        let metrics_addr = format!("127.0.0.1:{}", 9090 + n);
+        let metrics_addr = metrics_addr(n).map_err(fail("metrics port"))?;
         let child = Command::new(&options.worker_binary)
             .env("DATABASE_URL", &database_url)
             .env("HOOKFLEET_ENCRYPTION_KEY", key.expose_secret())
@@ -151,6 +152,7 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
             .map_err(fail("start hookfleet-worker"))?;
         println!("worker demo-worker-{n} (pid {}) → metrics at http://{metrics_addr}/metrics", child.id());
         workers.push(child);
+        metrics_addrs.push(metrics_addr);
     }
 
     // 5. Sample events: plain INSERTs in transactions of 100, as a producer's outbox would.
@@ -208,7 +210,9 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
         webhook_ids[0]
     );
     println!("  hookfleet status --database-url '{database_url}'");
-    println!("  curl http://127.0.0.1:9091/metrics");
+    for (n, addr) in metrics_addrs.iter().enumerate() {
+        println!("  curl http://{addr}/metrics    # demo-worker-{}", n + 1);
+    }
     if !options.exit_when_done {
         println!("\nPress Ctrl-C to stop (the throwaway database goes with it).");
         shutdown.cancelled().await;
@@ -229,6 +233,14 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
         return Err(DemoError(format!("only {settled} of {total} deliveries were delivered")));
     }
     Ok(())
+}
+
+/// 127.0.0.1:909n when free (easy to remember), else any free port.
+fn metrics_addr(n: u32) -> std::io::Result<String> {
+    let preferred = u16::try_from(9090 + n).unwrap_or(0);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", preferred))
+        .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))?;
+    Ok(listener.local_addr()?.to_string())
 }
 
 async fn wait_for_exit(child: &mut Child, deadline: Duration) {

@@ -150,6 +150,19 @@ pub async fn database() -> TestDatabase {
     TestDatabase { url: cluster.admin.for_database(&name), name }
 }
 
+/// A new, empty database (no schema): for testing migrations themselves.
+pub async fn empty_database() -> TestDatabase {
+    let cluster = cluster();
+    let n = cluster.next.fetch_add(1, Ordering::SeqCst);
+    let name = format!("hookfleet_empty_{}_{n}", std::process::id());
+    let admin = connect(&cluster.admin.for_database("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
+    TestDatabase { url: cluster.admin.for_database(&name), name }
+}
+
 impl TestDatabase {
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.url).await
