@@ -109,7 +109,9 @@ CREATE TABLE hookfleet.delivery_attempts (
     CONSTRAINT delivery_attempts_outcome_valid CHECK (outcome IN ('delivered', 'retry', 'dead'))
 );
 COMMENT ON TABLE hookfleet.delivery_attempts IS 'One row per HTTP attempt; error_class is timeout, connect, tls, dns, blocked, invalid_url, protocol, http_3xx, http_4xx or http_5xx';
-CREATE INDEX delivery_attempts_delivery_idx ON hookfleet.delivery_attempts (delivery_id);
+-- Also the idempotency key of the write-back: a batch retried after its commit's reply was lost
+-- records each attempt once (one delivery is never attempted twice in the same microsecond).
+CREATE UNIQUE INDEX delivery_attempts_delivery_idx ON hookfleet.delivery_attempts (delivery_id, started_at);
 CREATE INDEX delivery_attempts_webhook_time_idx ON hookfleet.delivery_attempts (webhook_id, started_at);
 CREATE INDEX delivery_attempts_started_brin ON hookfleet.delivery_attempts USING brin (started_at);
 

@@ -64,9 +64,11 @@ CREATE TRIGGER delivery_queue_notify AFTER INSERT ON hookfleet.delivery_queue
     FOR EACH STATEMENT EXECUTE FUNCTION hookfleet.notify_deliveries();
 
 -- The claim. Takes up to batch_size due rows in priority order, skipping rows another worker holds
--- (SKIP LOCKED), webhooks that are disabled or whose circuit is open, and keyed rows whose
--- predecessor is still unsettled; marks them in_flight under a lease and returns them.
--- Webhooks are skipped by predicate, so their rows are never touched and keep their retry budget.
+-- (SKIP LOCKED), webhooks that are disabled or whose circuit is open, and keyed rows that must
+-- wait (an earlier row of the key is unsettled, or any row of the key is in flight); marks them
+-- in_flight under a lease and returns them. Webhooks are skipped by predicate, so their rows are
+-- never touched and keep their retry budget. The returned locked_until identifies this claim:
+-- write-backs are fenced on it, so a stale attempt can never settle a later claim of the row.
 CREATE FUNCTION hookfleet.get_ready_deliveries(worker_id text, batch_size integer, lease interval)
 RETURNS TABLE (
     delivery_id     bigint,
@@ -77,7 +79,8 @@ RETURNS TABLE (
     body            text,
     retry_count     integer,
     max_retries     integer,
-    created_at      timestamptz
+    created_at      timestamptz,
+    locked_until    timestamptz
 )
 LANGUAGE sql VOLATILE AS $$
     WITH due AS (
@@ -97,8 +100,11 @@ LANGUAGE sql VOLATILE AS $$
               SELECT 1 FROM hookfleet.delivery_queue p
               WHERE p.webhook_id = q.webhook_id
                 AND p.ordering_key = q.ordering_key
-                AND p.delivery_id < q.delivery_id
-                AND p.delivery_status IN ('pending', 'in_flight')))
+                AND p.delivery_id <> q.delivery_id
+                -- In flight blocks whatever its id: a row committed late with a lower id must
+                -- not overtake one already being attempted.
+                AND (p.delivery_status = 'in_flight'
+                     OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
         ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
         LIMIT get_ready_deliveries.batch_size
         FOR UPDATE OF q SKIP LOCKED
@@ -111,7 +117,8 @@ LANGUAGE sql VOLATILE AS $$
     WHERE q.delivery_id = due.delivery_id
       AND w.webhook_id = q.webhook_id
     RETURNING q.delivery_id, q.webhook_id, w.version, q.message_id, q.event_type,
-              q.message_body::text, q.retry_count, COALESCE(q.max_retries, w.max_retries), q.created_at
+              q.message_body::text, q.retry_count, COALESCE(q.max_retries, w.max_retries), q.created_at,
+              q.locked_until
 $$;
 COMMENT ON FUNCTION hookfleet.get_ready_deliveries(text, integer, interval) IS 'Claims up to batch_size due deliveries for worker_id under a lease (FOR UPDATE SKIP LOCKED); max_retries is NULL when neither the row nor the webhook sets it';
 

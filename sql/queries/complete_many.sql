@@ -1,15 +1,20 @@
--- Write back one batch of attempts in one statement: settle each attempted row (fenced: only rows
--- this worker still holds in flight), record every attempt, and update each webhook's health.
--- Rows whose lease was lost are not settled (another worker owns them now) but their attempts are
--- still recorded, because the HTTP request really happened.
+-- Write back one batch of attempts in one statement: settle each attempted row, record every
+-- attempt, and update each webhook's health from the attempts recorded.
+-- Settling is fenced on this worker *and* the claim's locked_until, so a result that arrives after
+-- its lease expired never settles a later claim of the row (by any worker, this one included).
+-- Attempts are recorded even when the lease was lost, because the HTTP request really happened;
+-- ON CONFLICT makes a batch retried after a lost commit reply record each attempt once, and health
+-- counts only the attempts this statement inserted.
 -- Health rows are updated in webhook_id order so that concurrent batches from several workers
 -- always lock them in the same order and cannot deadlock.
 WITH input AS (
     SELECT *
     FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::integer[], $6::float8[], $7::integer[],
-                $8::integer[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[], $13::text[])
+                $8::integer[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[], $13::text[],
+                $16::timestamptz[])
          AS i(delivery_id, webhook_id, outcome, retry_count, retry_delay_ms, attempt_number,
-              status_code, started_at, duration_ms, error_class, error_message, response_excerpt)
+              status_code, started_at, duration_ms, error_class, error_message, response_excerpt,
+              locked_until)
 ),
 settled AS (
     UPDATE hookfleet.delivery_queue q
@@ -27,6 +32,7 @@ settled AS (
     FROM input i
     WHERE q.delivery_id = i.delivery_id
       AND q.locked_by = $1::text
+      AND q.locked_until = i.locked_until
       AND q.delivery_status = 'in_flight'
     RETURNING q.delivery_id
 ),
@@ -37,12 +43,13 @@ attempts AS (
     SELECT i.delivery_id, i.webhook_id, i.attempt_number, $1::text, i.started_at, i.duration_ms,
            i.status_code, i.error_class, i.error_message, i.response_excerpt, i.outcome
     FROM input i
+    ON CONFLICT (delivery_id, started_at) DO NOTHING
+    RETURNING delivery_id, webhook_id, status_code, duration_ms, COALESCE(error_message, error_class) AS error
 ),
 health AS (
-    SELECT hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms,
-                                           COALESCE(h.error_message, h.error_class),
+    SELECT hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms, h.error,
                                            $14::integer, $15::float8) AS health_status
-    FROM (SELECT * FROM input ORDER BY webhook_id, delivery_id) h
+    FROM (SELECT * FROM attempts ORDER BY webhook_id, delivery_id) h
 )
 SELECT (SELECT count(*) FROM health)::bigint AS health_rows,
        ARRAY(SELECT delivery_id FROM settled) AS settled_ids

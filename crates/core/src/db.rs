@@ -60,13 +60,18 @@ pub fn connection_config(url: &str, application_name: &str) -> Result<tokio_post
     // A session stuck in a transaction would hold row locks that block claims fleet-wide.
     config.options("-c idle_in_transaction_session_timeout=60000");
     config.connect_timeout(Duration::from_secs(10));
+    // Notice a database that vanished without closing the connection (failover, partition).
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
     Ok(config)
 }
 
 /// The process-wide pool. `RecyclingMethod::Fast` skips the per-checkout health query; a broken
 /// connection is detected by the failing statement and dropped by deadpool.
 pub fn pool(url: &str, application_name: &str, max_size: usize) -> Result<Pool, DbError> {
-    let config = connection_config(url, application_name)?;
+    let mut config = connection_config(url, application_name)?;
+    // The fleet's own statements take milliseconds; one that runs for 30 s is stuck (or behind a
+    // lock someone forgot), and failing it lets the caller's retry logic take over.
+    config.options("-c idle_in_transaction_session_timeout=60000 -c statement_timeout=30000");
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(max_size)

@@ -15,6 +15,7 @@ const CLAIM: &str = include_str!("../../../sql/queries/claim.sql");
 const COMPLETE_MANY: &str = include_str!("../../../sql/queries/complete_many.sql");
 const RELEASE: &str = include_str!("../../../sql/queries/release.sql");
 const RELEASE_HELD: &str = include_str!("../../../sql/queries/release_held.sql");
+const DEFER: &str = include_str!("../../../sql/queries/defer.sql");
 const RESCUE_EXPIRED: &str = include_str!("../../../sql/queries/rescue_expired.sql");
 const PRUNE_ATTEMPTS: &str = include_str!("../../../sql/queries/prune_attempts.sql");
 const HEARTBEAT: &str = include_str!("../../../sql/queries/heartbeat.sql");
@@ -34,6 +35,8 @@ pub struct ClaimedDelivery {
     /// From the row, else the webhook; `None` means the worker's default applies.
     pub max_retries: Option<u32>,
     pub created_at: SystemTime,
+    /// The claim's lease expiry, which also identifies the claim: write-backs are fenced on it.
+    pub locked_until: SystemTime,
 }
 
 /// How an attempt settles its row.
@@ -71,6 +74,8 @@ pub struct AttemptRecord {
     pub error_class: Option<String>,
     pub error_message: Option<String>,
     pub response_excerpt: Option<String>,
+    /// The claim this attempt belongs to (`ClaimedDelivery::locked_until`).
+    pub locked_until: SystemTime,
 }
 
 /// Circuit-breaker thresholds passed to `hookfleet.update_webhook_health`.
@@ -127,6 +132,7 @@ impl Queue {
                     retry_count: non_negative(row.try_get::<_, i32>(6)?),
                     max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
                     created_at: row.try_get(8)?,
+                    locked_until: row.try_get(9)?,
                 })
             })
             .collect()
@@ -154,6 +160,7 @@ impl Queue {
         let mut error_classes = Vec::with_capacity(records.len());
         let mut error_messages = Vec::with_capacity(records.len());
         let mut excerpts = Vec::with_capacity(records.len());
+        let mut locked_untils = Vec::with_capacity(records.len());
         for record in records {
             delivery_ids.push(record.delivery_id);
             webhook_ids.push(record.webhook_id);
@@ -164,9 +171,10 @@ impl Queue {
             status_codes.push(record.status_code.map(i32::from));
             started_ats.push(record.started_at);
             durations_ms.push(record.duration.as_secs_f64() * 1000.0);
-            error_classes.push(record.error_class.as_deref());
-            error_messages.push(record.error_message.as_deref());
-            excerpts.push(record.response_excerpt.as_deref());
+            error_classes.push(record.error_class.as_deref().map(storable));
+            error_messages.push(record.error_message.as_deref().map(storable));
+            excerpts.push(record.response_excerpt.as_deref().map(storable));
+            locked_untils.push(record.locked_until);
         }
         let threshold = saturating_i32(breaker.failure_threshold);
         let open_seconds = breaker.open_for.as_secs_f64();
@@ -191,11 +199,25 @@ impl Queue {
                     &excerpts,
                     &threshold,
                     &open_seconds,
+                    &locked_untils,
                 ],
             )
             .await?;
         let settled: Vec<i64> = row.try_get(1)?;
         Ok(CompletionReport { settled: settled.len(), lost_leases: records.len() - settled.len() })
+    }
+
+    /// Puts rows this worker holds but cannot attempt back to `pending`, due after `delay`, with
+    /// `reason` as their `last_error`; their retry budget is untouched.
+    pub async fn defer(
+        &self,
+        worker_id: &str,
+        delivery_ids: &[i64],
+        delay: Duration,
+        reason: &str,
+    ) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(DEFER, &[&worker_id, &delivery_ids, &delay.as_secs_f64(), &storable(reason)]).await?)
     }
 
     /// Returns the given rows, if this worker still holds them, to `pending` without an attempt.
@@ -210,11 +232,13 @@ impl Queue {
         Ok(client.execute(RELEASE_HELD, &[&worker_id]).await?)
     }
 
-    /// Returns up to `limit` rows whose lease expired to `pending`; the number rescued.
-    pub async fn rescue_expired(&self, limit: u32) -> Result<u64, DbError> {
+    /// Returns up to `limit` rows whose lease expired to `pending` (or `dead`, when the lost
+    /// attempt was their last); `default_max_retries` applies where neither row nor webhook sets
+    /// one. The number rescued.
+    pub async fn rescue_expired(&self, limit: u32, default_max_retries: u32) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(RESCUE_EXPIRED).await?;
-        Ok(client.execute(&statement, &[&saturating_i32(limit)]).await?)
+        Ok(client.execute(&statement, &[&saturating_i32(limit), &saturating_i32(default_max_retries)]).await?)
     }
 
     /// Deletes up to `limit` attempts older than `retention`; the number deleted.
@@ -273,6 +297,16 @@ pub struct WorkerIdentity {
 pub struct QueueDepth {
     pub by_status: Vec<(String, i64)>,
     pub oldest_due_age: Duration,
+}
+
+/// PostgreSQL text cannot hold NUL, and receivers' answers can contain anything: one such byte
+/// must not make a whole batch's write-back fail.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 fn non_negative(value: i32) -> u32 {

@@ -212,6 +212,7 @@ fn record(claimed: &ClaimedDelivery, outcome: Outcome, status_code: Option<u16>)
         error_class: None,
         error_message: None,
         response_excerpt: None,
+        locked_until: claimed.locked_until,
     }
 }
 
@@ -1121,7 +1122,7 @@ async fn complete_many_does_not_settle_a_row_another_worker_holds_but_records_it
         )
         .await
         .expect("expire");
-    assert_eq!(queue.rescue_expired(100).await.expect("rescue"), 1);
+    assert_eq!(queue.rescue_expired(100, 3).await.expect("rescue"), 1);
     let taken = queue.claim("w2", 10, LEASE).await.expect("claim by w2");
     assert_eq!(taken.iter().map(|c| c.delivery_id).collect::<Vec<_>>(), [ids[0]]);
     let held_by_w2 = rows_of(&client, &ids[..1]).await;
@@ -1230,9 +1231,9 @@ async fn rescue_expired_returns_only_expired_leases_to_pending() {
         .await
         .expect("expire two leases");
     let others = rows_of(&client, &ids[2..]).await;
-    assert_eq!(queue.rescue_expired(1).await.expect("rescue one"), 1, "at most the limit");
-    assert_eq!(queue.rescue_expired(100).await.expect("rescue the rest"), 1);
-    assert_eq!(queue.rescue_expired(100).await.expect("nothing left"), 0);
+    assert_eq!(queue.rescue_expired(1, 3).await.expect("rescue one"), 1, "at most the limit");
+    assert_eq!(queue.rescue_expired(100, 3).await.expect("rescue the rest"), 1);
+    assert_eq!(queue.rescue_expired(100, 3).await.expect("nothing left"), 0);
     for &id in &ids[..2] {
         let row = client
             .query_one(
@@ -1244,12 +1245,118 @@ async fn rescue_expired_returns_only_expired_leases_to_pending() {
             .expect("row");
         assert_eq!(
             (row.get::<_, String>(0), row.get::<_, Option<String>>(1), row.get::<_, bool>(2), row.get::<_, i32>(3)),
-            ("pending".into(), None, true, 0)
+            ("pending".into(), None, true, 1),
+            "the lost attempt counts as a retry"
         );
         let due = seconds_from_now(&client, "next_attempt_at", id).await;
         assert!((-5.0..=0.0).contains(&due), "due now, got {due}");
     }
     assert_eq!(rows_of(&client, &ids[2..]).await, others, "the unexpired lease and the pending row are untouched");
+}
+
+#[tokio::test]
+async fn a_row_whose_last_try_was_lost_to_an_expired_lease_is_dead_with_the_reason() {
+    let db = database().await;
+    let client = db.client().await;
+    let queue = queue(&db);
+    let hook = webhook(&db).await;
+    let ids = insert_many(&client, hook, 1).await;
+    client
+        .execute("UPDATE hookfleet.delivery_queue SET max_retries = 1 WHERE delivery_id = $1", &[&ids[0]])
+        .await
+        .expect("max_retries");
+    for expected in ["pending", "dead"] {
+        queue.claim("w1", 1, LEASE).await.expect("claim");
+        client
+            .execute("UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second'", &[])
+            .await
+            .expect("expire");
+        assert_eq!(queue.rescue_expired(10, 3).await.expect("rescue"), 1);
+        assert_eq!(status(&client, ids[0]).await, expected);
+    }
+    let (retries, error): (i32, String) = client
+        .query_one("SELECT retry_count, last_error FROM hookfleet.delivery_queue WHERE delivery_id = $1", &[&ids[0]])
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("row");
+    assert_eq!(retries, 1);
+    assert!(error.starts_with("lease expired") && error.contains("w1"), "{error}");
+}
+
+#[tokio::test]
+async fn a_stale_result_never_settles_a_later_claim_of_the_same_row_by_the_same_worker() {
+    let db = database().await;
+    let client = db.client().await;
+    let queue = queue(&db);
+    let hook = webhook(&db).await;
+    let ids = insert_many(&client, hook, 1).await;
+    let first = queue.claim("w1", 1, LEASE).await.expect("claim");
+    // The lease expires mid-attempt; the row is rescued and the same worker claims it again.
+    client
+        .execute("UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second'", &[])
+        .await
+        .expect("expire");
+    queue.rescue_expired(10, 3).await.expect("rescue");
+    let second = queue.claim("w1", 1, LEASE).await.expect("claim again");
+    assert_eq!(second[0].delivery_id, ids[0]);
+    let report =
+        queue.complete_many("w1", &[record(&first[0], Outcome::Dead, Some(400))], BREAKER).await.expect("stale");
+    assert_eq!((report.settled, report.lost_leases), (0, 1), "the first claim's result is stale");
+    assert_eq!(status(&client, ids[0]).await, "in_flight");
+    let report =
+        queue.complete_many("w1", &[record(&second[0], Outcome::Delivered, Some(200))], BREAKER).await.expect("fresh");
+    assert_eq!((report.settled, report.lost_leases), (1, 0));
+    assert_eq!(status(&client, ids[0]).await, "delivered");
+}
+
+#[tokio::test]
+async fn a_batch_written_twice_records_each_attempt_and_its_health_once() {
+    let db = database().await;
+    let client = db.client().await;
+    let queue = queue(&db);
+    let hook = webhook(&db).await;
+    insert_many(&client, hook, 2).await;
+    let claimed = queue.claim("w1", 2, LEASE).await.expect("claim");
+    let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Retry, Some(503))).collect();
+    queue.complete_many("w1", &records, BREAKER).await.expect("first write");
+    // As if the commit's reply was lost and the worker retried the same batch.
+    let again = queue.complete_many("w1", &records, BREAKER).await.expect("second write");
+    assert_eq!(again.settled, 0);
+    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.delivery_attempts").await, 2);
+    assert_eq!(
+        count(&client, "SELECT total_attempts FROM hookfleet.webhook_health_metrics").await,
+        2,
+        "health counts each attempt once"
+    );
+}
+
+#[tokio::test]
+async fn a_response_excerpt_with_nul_bytes_is_stored_and_does_not_fail_the_batch() {
+    let db = database().await;
+    let client = db.client().await;
+    let queue = queue(&db);
+    let hook = webhook(&db).await;
+    let ids = insert_many(&client, hook, 2).await;
+    let claimed = queue.claim("w1", 2, LEASE).await.expect("claim");
+    let records: Vec<AttemptRecord> = claimed
+        .iter()
+        .map(|c| AttemptRecord {
+            response_excerpt: Some("ok\0bytes".into()),
+            error_message: Some("bad\0".into()),
+            ..record(c, Outcome::Delivered, Some(200))
+        })
+        .collect();
+    let report = queue.complete_many("w1", &records, BREAKER).await.expect("NUL bytes are made storable");
+    assert_eq!(report.settled, 2);
+    for id in ids {
+        assert_eq!(status(&client, id).await, "delivered");
+    }
+    let excerpt: String = client
+        .query_one("SELECT response_excerpt FROM hookfleet.delivery_attempts LIMIT 1", &[])
+        .await
+        .expect("attempt")
+        .get(0);
+    assert_eq!(excerpt, "ok\u{FFFD}bytes");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -420,3 +420,100 @@ async fn invalid_configuration_stops_start_up_naming_the_setting() {
         assert!(log.contains(name), "{name}={value}: the message does not name the setting:\n{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_lease_expires_and_another_worker_delivers() {
+    let db = database().await;
+    // The first request is held long enough for its worker to be killed mid-attempt.
+    let receiver = Receiver::start(|_, seen| {
+        let reply = Reply::status(200);
+        if seen == 0 {
+            reply.after(Duration::from_secs(2))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let settings = [("HOOKFLEET_LEASE", "3s"), ("HTTP_TIMEOUT", "2500ms")];
+    let mut doomed = WorkerProcess::spawn(worker_binary(), &db, "w-doomed", &settings);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    receiver.wait_for(1, DEADLINE).await;
+    doomed.signal("KILL");
+    doomed.wait(DEADLINE).await;
+    let (status, _, _, _) = delivery_row(&db, delivery_id).await;
+    assert_eq!(status, "in_flight", "the killed worker still holds the row");
+
+    let _rescuer = WorkerProcess::spawn(worker_binary(), &db, "w-rescuer", &settings);
+    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+    assert_eq!((retries, code), (1, Some(200)), "the attempt lost with the worker counts as a retry");
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 2, "delivered again after the crash (at least once)");
+    assert_eq!(
+        requests[0].header("webhook-id"),
+        requests[1].header("webhook-id"),
+        "the duplicate has the same webhook-id"
+    );
+    let worker: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT worker_id FROM hookfleet.delivery_attempts WHERE delivery_id = $1 AND attempt_number = 2",
+            &[&delivery_id],
+        )
+        .await
+        .expect("one attempt row: the killed worker never wrote one")
+        .get(0);
+    assert_eq!(worker, "w-rescuer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_nul_bytes_does_not_stall_the_write_back() {
+    let db = database().await;
+    let receiver = Receiver::start(|_, _| Reply { body: "ok\0\0garbage".into(), ..Reply::status(200) }).await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    let first = insert(&db, hook.webhook_id, "{}").await;
+    let second = insert(&db, hook.webhook_id, "{}").await;
+    for id in [first, second] {
+        wait_for_status(&db, id, "delivered").await;
+    }
+    assert_eq!(receiver.requests().len(), 2, "each delivered once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_right_key_defers_rows_without_using_retries() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let wrong_key = hookfleet_core::crypto::EncryptionKey::generate_base64();
+    let mut wrong =
+        WorkerProcess::spawn(worker_binary(), &db, "w-wrong-key", &[("HOOKFLEET_ENCRYPTION_KEY", &wrong_key)]);
+    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let (status, retries, _, error) = eventually(DEADLINE, "the row to be deferred", || async {
+        let row = delivery_row(&db, delivery_id).await;
+        row.3.is_some().then_some(row)
+    })
+    .await;
+    assert_eq!((status.as_str(), retries), ("pending", 0), "deferred, not attempted");
+    assert!(error.as_deref().is_some_and(|error| error.contains("HOOKFLEET_PREVIOUS_ENCRYPTION_KEYS")), "{error:?}");
+    assert!(receiver.requests().is_empty());
+    let attempts: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM hookfleet.delivery_attempts", &[])
+        .await
+        .expect("attempts")
+        .get(0);
+    assert_eq!(attempts, 0);
+    wrong.signal("TERM");
+    wrong.wait(DEADLINE).await;
+    // A worker with the right key delivers it once it is due again.
+    db.client()
+        .await
+        .execute("UPDATE hookfleet.delivery_queue SET next_attempt_at = now() WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("due now");
+    let _right = WorkerProcess::spawn(worker_binary(), &db, "w-right-key", &[]);
+    wait_for_status(&db, delivery_id, "delivered").await;
+}

@@ -38,6 +38,8 @@ use crate::webhooks::{WebhookStore, WebhookTarget};
 
 /// Largest write-back batch; bigger backlogs are written in several statements.
 const MAX_COMPLETE_BATCH: usize = 1000;
+/// How long rows of a webhook this worker cannot use (e.g. undecryptable) wait before another try.
+const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -71,6 +73,14 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// The attempt's total timeout: the webhook's, else `HTTP_TIMEOUT`, but always well inside the
+    /// lease (at most four fifths of it), so that an attempt never outlives its claim and is
+    /// delivered twice by a second worker while the first is still waiting.
+    pub fn attempt_timeout(&self, webhook_timeout: Option<Duration>) -> Duration {
+        let ceiling = self.lease.mul_f64(0.8).max(Duration::from_millis(100));
+        webhook_timeout.unwrap_or(self.http_timeout).min(ceiling)
+    }
+
     pub fn from_config(config: &Config) -> Self {
         Self {
             identity: WorkerIdentity {
@@ -150,7 +160,10 @@ struct AttemptContext {
     settings: Arc<WorkerSettings>,
     client: DeliveryClient,
     metrics: Arc<Metrics>,
-    results: mpsc::UnboundedSender<AttemptRecord>,
+    /// Each result travels with its attempt slot, which is freed only once the result is written
+    /// back: a stalled write-back stops new claims instead of piling up results whose leases
+    /// expire.
+    results: mpsc::UnboundedSender<(AttemptRecord, OwnedSemaphorePermit)>,
     /// Fired when the shutdown grace runs out: unfinished attempts are abandoned (their rows are
     /// released, so they are delivered again: at least once).
     abandon: CancellationToken,
@@ -176,7 +189,7 @@ impl Engine {
             tracing::warn!(%error, "cannot register in hookfleet.workers yet; the heartbeat keeps trying");
         }
         services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
-        services.spawn(rescue::run(self.queue.clone(), settings.lease, self.metrics.clone(), shutdown.clone()));
+        services.spawn(rescue::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
         services.spawn(depth::run(self.queue.clone(), self.metrics.clone(), shutdown.clone()));
         services.spawn(prune::run(self.queue.clone(), settings.attempt_retention, shutdown.clone()));
         services.spawn(listen::run(self.database_url.clone(), wake.clone(), shutdown.clone()));
@@ -304,24 +317,38 @@ impl Engine {
                 return;
             }
         };
+        let worker_id = &self.settings.identity.worker_id;
         let mut disabled = Vec::new();
+        let mut unusable: HashMap<String, Vec<i64>> = HashMap::new();
         for (delivery, permit) in claimed.into_iter().zip(permits) {
             let target = match targets.get(&delivery.webhook_id) {
-                Some(Ok(target)) if !target.enabled => {
+                Some(Ok(target)) if target.enabled => target.clone(),
+                Some(Ok(_)) => {
                     disabled.push(delivery.delivery_id);
                     continue;
                 }
-                Some(Ok(target)) => Ok(target.clone()),
-                Some(Err(message)) => Err(message.clone()),
-                None => Err(format!("webhook {} no longer exists", delivery.webhook_id)),
+                Some(Err(reason)) => {
+                    unusable.entry(reason.clone()).or_default().push(delivery.delivery_id);
+                    continue;
+                }
+                // Deleted after the claim: its rows went with it (ON DELETE CASCADE).
+                None => continue,
             };
             let span =
                 tracing::info_span!("attempt", delivery_id = delivery.delivery_id, webhook_id = delivery.webhook_id);
             attempts.spawn(attempt(context.clone(), delivery, target, permit).instrument(span));
         }
         if !disabled.is_empty() {
-            if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &disabled).await {
+            if let Err(error) = self.queue.release(worker_id, &disabled).await {
                 tracing::warn!(%error, "cannot release deliveries of disabled webhooks");
+            }
+        }
+        // Not an attempt and not the receiver's fault: the rows wait, their retries untouched,
+        // until this worker (or another with the right keys) can use the webhook.
+        for (reason, ids) in unusable {
+            self.metrics.database_errors_total.with_label_values(&["unusable_webhook"]).inc();
+            if let Err(error) = self.queue.defer(worker_id, &ids, UNUSABLE_WEBHOOK_DELAY, &reason).await {
+                tracing::warn!(%error, "cannot defer deliveries of an unusable webhook");
             }
         }
     }
@@ -330,52 +357,40 @@ impl Engine {
 /// One delivery attempt: sign, send, decide, hand the result to the completer.
 async fn attempt(
     context: Arc<AttemptContext>,
-    delivery: ClaimedDelivery,
-    target: Result<Arc<WebhookTarget>, String>,
-    _slot: OwnedSemaphorePermit,
+    mut delivery: ClaimedDelivery,
+    target: Arc<WebhookTarget>,
+    slot: OwnedSemaphorePermit,
 ) {
     let metrics = &context.metrics;
+    let settings = &context.settings;
     metrics.worker_in_flight.inc();
     let started_at = SystemTime::now();
     let started = Instant::now();
-    let max_retries = delivery.max_retries.unwrap_or(context.settings.default_max_retries);
-    let (result, decision) = match &target {
-        Ok(target) => {
-            let timestamp = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-            let body = Bytes::from(delivery.body.clone());
-            let result = match signing::signature_headers(&target.secrets, &delivery.message_id, timestamp, &body) {
-                Ok(headers) => {
-                    let request = DeliveryRequest {
-                        url: target.url.clone(),
-                        headers,
-                        body,
-                        timeout: target.timeout.unwrap_or(context.settings.http_timeout),
-                    };
-                    tokio::select! {
-                        outcome = context.client.send(request) => outcome.result,
-                        _ = context.abandon.cancelled() => {
-                            metrics.worker_in_flight.dec();
-                            return;
-                        }
-                    }
-                }
-                Err(error) => {
-                    Err(DeliveryError { class: crate::delivery::ErrorClass::Protocol, message: error.to_string() })
-                }
+    let max_retries = delivery.max_retries.unwrap_or(settings.default_max_retries);
+
+    let timestamp = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let body = Bytes::from(std::mem::take(&mut delivery.body));
+    let result = match signing::signature_headers(&target.secrets, &delivery.message_id, timestamp, &body) {
+        Ok(headers) => {
+            let request = DeliveryRequest {
+                url: target.url.clone(),
+                headers,
+                body,
+                timeout: settings.attempt_timeout(target.timeout),
             };
-            let decision = context.settings.retry.decide(
-                &result,
-                delivery.retry_count,
-                max_retries,
-                SystemTime::now(),
-                &mut rand::rng(),
-            );
-            (Some(result), decision)
+            tokio::select! {
+                outcome = context.client.send(request) => outcome.result,
+                _ = context.abandon.cancelled() => {
+                    metrics.worker_in_flight.dec();
+                    return;
+                }
+            }
         }
-        Err(_) => {
-            (None, context.settings.retry.decide_retryable_failure(delivery.retry_count, max_retries, &mut rand::rng()))
-        }
+        // The schema only admits message ids that are valid header values; this is defence.
+        Err(error) => Err(DeliveryError { class: crate::delivery::ErrorClass::Protocol, message: error.to_string() }),
     };
+    let decision =
+        settings.retry.decide(&result, delivery.retry_count, max_retries, SystemTime::now(), &mut rand::rng());
     let duration = started.elapsed();
 
     let webhook_label = delivery.webhook_id.to_string();
@@ -385,16 +400,14 @@ async fn attempt(
         metrics.retries_total.with_label_values(&[&webhook_label]).inc();
     }
 
-    let (status_code, error_class, error_message, excerpt) = match (&result, &target) {
-        (Some(Ok(response)), _) => (
+    let error_class = retry::error_class(&result).map(str::to_owned);
+    let (status_code, error_message, excerpt) = match result {
+        Ok(response) => (
             Some(response.status),
-            retry::error_class(&Ok::<_, DeliveryError>(response.clone())).map(str::to_owned),
-            status_error(response),
-            Some(response.body_excerpt.clone()).filter(|excerpt| !excerpt.is_empty()),
+            status_error(&response),
+            Some(response.body_excerpt).filter(|excerpt| !excerpt.is_empty()),
         ),
-        (Some(Err(error)), _) => (None, Some(error.class.as_str().to_owned()), Some(error.to_string()), None),
-        (None, Err(message)) => (None, Some("webhook_unavailable".to_owned()), Some(message.clone()), None),
-        (None, Ok(_)) => (None, None, None, None),
+        Err(error) => (None, Some(error.to_string()), None),
     };
     match decision.outcome {
         Outcome::Delivered => tracing::debug!(status = status_code, ?duration, "delivered"),
@@ -416,9 +429,10 @@ async fn attempt(
         error_class,
         error_message,
         response_excerpt: excerpt,
+        locked_until: delivery.locked_until,
     };
     // The completer outlives every attempt (it ends when the last sender is dropped).
-    let _ = context.results.send(record);
+    let _ = context.results.send((record, slot));
     metrics.worker_in_flight.dec();
 }
 
@@ -432,17 +446,20 @@ async fn complete(
     queue: Queue,
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
-    mut results: mpsc::UnboundedReceiver<AttemptRecord>,
+    mut results: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>,
 ) {
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
-        write_back(&queue, &settings, &metrics, &batch).await;
-        batch.clear();
+        let (records, slots): (Vec<AttemptRecord>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
+        write_back(&queue, &settings, &metrics, &records).await;
+        drop(slots);
     }
 }
 
 /// Writes one batch, retrying through database outages for up to one lease: after that the rows
-/// have been rescued by another worker and the fenced write would settle nothing anyway.
+/// have been rescued by another worker and the fenced write would settle nothing anyway. A batch
+/// the database refuses as data (SQLSTATE classes 22 and 23) is split, so that one bad record
+/// cannot keep the others from settling.
 async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) {
     let deadline = Instant::now() + settings.lease;
     let mut failures = 0;
@@ -458,6 +475,18 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                 }
                 return;
             }
+            Err(error) if is_data_error(&error) => {
+                metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                if let [record] = batch {
+                    tracing::error!(%error, delivery_id = record.delivery_id, "the database refuses this result; the row returns after its lease");
+                } else {
+                    tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
+                    let (left, right) = batch.split_at(batch.len() / 2);
+                    Box::pin(write_back(queue, settings, metrics, left)).await;
+                    Box::pin(write_back(queue, settings, metrics, right)).await;
+                }
+                return;
+            }
             Err(error) => {
                 failures += 1;
                 metrics.database_errors_total.with_label_values(&["complete"]).inc();
@@ -470,6 +499,16 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                 tokio::time::sleep(pause).await;
             }
         }
+    }
+}
+
+/// Refused as data (bad value, constraint) rather than failed to reach the database.
+fn is_data_error(error: &DbError) -> bool {
+    match error {
+        DbError::Postgres(error) => {
+            error.code().is_some_and(|code| code.code().starts_with("22") || code.code().starts_with("23"))
+        }
+        _ => false,
     }
 }
 
