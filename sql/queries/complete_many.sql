@@ -47,9 +47,17 @@ attempts AS (
     RETURNING delivery_id, webhook_id, status_code, duration_ms, COALESCE(error_message, error_class) AS error
 ),
 health AS (
-    SELECT hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms, h.error,
+    SELECT h.webhook_id,
+           hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms, h.error,
                                            $14::integer, $15::float8) AS health_status
     FROM (SELECT * FROM attempts ORDER BY webhook_id, delivery_id) h
+),
+-- Each webhook's health after its last attempt of this batch (feeds webhook_circuit_state).
+latest AS (
+    SELECT DISTINCT ON (webhook_id) webhook_id, health_status
+    FROM (SELECT webhook_id, health_status, row_number() OVER () AS n FROM health) numbered
+    ORDER BY webhook_id, n DESC
 )
-SELECT (SELECT count(*) FROM health)::bigint AS health_rows,
-       ARRAY(SELECT delivery_id FROM settled) AS settled_ids
+SELECT ARRAY(SELECT delivery_id FROM settled) AS settled_ids,
+       ARRAY(SELECT webhook_id FROM latest ORDER BY webhook_id) AS webhook_ids,
+       ARRAY(SELECT health_status FROM latest ORDER BY webhook_id) AS health_statuses

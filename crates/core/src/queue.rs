@@ -18,6 +18,7 @@ const RELEASE_HELD: &str = include_str!("../../../sql/queries/release_held.sql")
 const DEFER: &str = include_str!("../../../sql/queries/defer.sql");
 const RESCUE_EXPIRED: &str = include_str!("../../../sql/queries/rescue_expired.sql");
 const PRUNE_ATTEMPTS: &str = include_str!("../../../sql/queries/prune_attempts.sql");
+const PRUNE_WORKERS: &str = include_str!("../../../sql/queries/prune_workers.sql");
 const HEARTBEAT: &str = include_str!("../../../sql/queries/heartbeat.sql");
 const QUEUE_DEPTH: &str = include_str!("../../../sql/queries/queue_depth.sql");
 
@@ -92,6 +93,8 @@ pub struct CompletionReport {
     pub settled: usize,
     /// Attempts whose row this worker no longer held (lease expired and taken over, or deleted).
     pub lost_leases: usize,
+    /// Each webhook's `health_status` after this batch (`unavailable` = circuit open).
+    pub health: Vec<(i64, String)>,
 }
 
 /// Pooled access to the queue tables.
@@ -203,8 +206,12 @@ impl Queue {
                 ],
             )
             .await?;
-        let settled: Vec<i64> = row.try_get(1)?;
-        Ok(CompletionReport { settled: settled.len(), lost_leases: records.len() - settled.len() })
+        let settled: Vec<i64> = row.try_get(0)?;
+        let webhook_ids: Vec<i64> = row.try_get(1)?;
+        // NULL when the webhook was deleted meanwhile.
+        let statuses: Vec<Option<String>> = row.try_get(2)?;
+        let health = webhook_ids.into_iter().zip(statuses).filter_map(|(id, status)| Some((id, status?))).collect();
+        Ok(CompletionReport { settled: settled.len(), lost_leases: records.len() - settled.len(), health })
     }
 
     /// Puts rows this worker holds but cannot attempt back to `pending`, due after `delay`, with
@@ -245,6 +252,12 @@ impl Queue {
     pub async fn prune_attempts(&self, retention: Duration, limit: u32) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
         Ok(client.execute(PRUNE_ATTEMPTS, &[&retention.as_secs_f64(), &saturating_i32(limit)]).await?)
+    }
+
+    /// Removes registry rows of workers not seen for `silence` (killed without deregistering).
+    pub async fn prune_workers(&self, silence: Duration) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(PRUNE_WORKERS, &[&silence.as_secs_f64()]).await?)
     }
 
     /// Deliveries per status, and the age of the oldest due pending row.

@@ -2099,3 +2099,32 @@ async fn a_transaction_with_several_inserts_sends_one_notification_and_a_rollbac
     // Had the rolled-back transaction notified, its notification would have come first.
     expect_exactly_one_notification(&mut notifications).await;
 }
+
+#[tokio::test]
+async fn complete_many_reports_each_webhooks_health_after_the_batch() {
+    let db = database().await;
+    let client = db.client().await;
+    let queue = queue(&db);
+    let hook = webhook(&db).await;
+    insert_many(&client, hook, 3).await;
+    let claimed = queue.claim("w1", 3, LEASE).await.expect("claim");
+    let breaker = BreakerSettings { failure_threshold: 3, open_for: Duration::from_secs(60) };
+    let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Dead, Some(500))).collect();
+    let report = queue.complete_many("w1", &records, breaker).await.expect("complete");
+    assert_eq!(report.health, vec![(hook, "unavailable".to_owned())], "three failures opened the circuit");
+}
+
+#[tokio::test]
+async fn prune_workers_forgets_only_long_silent_workers() {
+    let db = database().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO hookfleet.workers (worker_id, host, version, last_seen_at) VALUES \
+             ('gone', 'h', 'v', now() - interval '2 hours'), ('alive', 'h', 'v', now() - interval '10 seconds')",
+        )
+        .await
+        .expect("workers");
+    assert_eq!(queue(&db).prune_workers(Duration::from_secs(3600)).await.expect("prune"), 1);
+    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'alive'").await, 1);
+}

@@ -517,3 +517,48 @@ async fn a_worker_without_the_right_key_defers_rows_without_using_retries() {
     let _right = WorkerProcess::spawn(worker_binary(), &db, "w-right-key", &[]);
     wait_for_status(&db, delivery_id, "delivered").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_open_the_circuit_and_later_rows_wait_untouched() {
+    let db = database().await;
+    let receiver = Receiver::start(|_, _| Reply::status(500)).await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w1",
+        &[
+            ("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "3"),
+            ("CIRCUIT_BREAKER_TIMEOUT_SECONDS", "600"),
+            ("HOOKFLEET_MAX_RETRIES", "0"),
+        ],
+    );
+    let client = db.client().await;
+    for n in 0..3 {
+        let id = insert(&db, hook.webhook_id, &format!("{{\"n\":{n}}}")).await;
+        wait_for_status(&db, id, "dead").await;
+    }
+    let (health, circuit): (String, String) = client
+        .query_one(
+            "SELECT health_status, circuit_state FROM hookfleet.v_webhook_health_dashboard WHERE webhook_id = $1",
+            &[&hook.webhook_id],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("dashboard");
+    assert_eq!((health.as_str(), circuit.as_str()), ("unavailable", "open"));
+    eventually(DEADLINE, "webhook_circuit_state 1", || async {
+        let (_, body) = worker.get("/metrics").await?;
+        body.contains("webhook_circuit_state{webhook_id=\"100\"} 1").then_some(())
+    })
+    .await;
+    // Another row for the open webhook is skipped at claim time: still pending, retries untouched.
+    let waiting = insert(&db, hook.webhook_id, "{}").await;
+    let other_receiver = Receiver::ok().await;
+    let other = webhook(&db, other_receiver.url("/")).await;
+    let delivered = insert(&db, other.webhook_id, "{}").await;
+    wait_for_status(&db, delivered, "delivered").await;
+    let (status, retries, _, _) = delivery_row(&db, waiting).await;
+    assert_eq!((status.as_str(), retries), ("pending", 0));
+    assert_eq!(receiver.requests().len(), 3, "nothing was sent while the circuit is open");
+}

@@ -466,6 +466,10 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
     loop {
         match queue.complete_many(&settings.identity.worker_id, batch, settings.breaker).await {
             Ok(report) => {
+                for (webhook_id, health) in &report.health {
+                    let open = i64::from(health == "unavailable");
+                    metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(open);
+                }
                 if report.lost_leases > 0 {
                     metrics.lease_lost_total.inc_by(report.lost_leases as u64);
                     tracing::warn!(

@@ -1,5 +1,6 @@
-//! Attempt pruning: deletes `delivery_attempts` rows older than `HOOKFLEET_ATTEMPT_RETENTION`,
-//! in bounded batches so that no run holds locks for long.
+//! Pruning: deletes `delivery_attempts` rows older than `HOOKFLEET_ATTEMPT_RETENTION`, in
+//! bounded batches so that no run holds locks for long, and registry rows of workers that
+//! vanished without deregistering (killed).
 
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use crate::queue::Queue;
 
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 10_000;
+/// A worker silent this long is gone (v_workers already hides it after a minute).
+const WORKER_SILENCE: Duration = Duration::from_secs(3600);
 
 pub(super) async fn run(queue: Queue, retention: Duration, shutdown: CancellationToken) {
     run_every("prune", PRUNE_INTERVAL, shutdown, || {
@@ -19,6 +22,9 @@ pub(super) async fn run(queue: Queue, retention: Duration, shutdown: Cancellatio
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "pruned old delivery attempts"),
                 Err(error) => tracing::warn!(%error, "attempt pruning failed"),
+            }
+            if let Err(error) = queue.prune_workers(WORKER_SILENCE).await {
+                tracing::warn!(%error, "worker registry pruning failed");
             }
         }
     })
