@@ -25,6 +25,15 @@ BEGIN
             USING ERRCODE = 'check_violation',
                   HINT = 'Leave delivery_status out of the INSERT; the fleet maintains it.';
     END IF;
+    IF NEW.ordering_key IS NOT NULL THEN
+        -- Per-key order is delivery_id order, so a key's ids must follow its commit order. The
+        -- identity default was drawn before this trigger ran; producers of one key queue on a
+        -- transaction-level lock here and draw the id only once they hold it, so a row committed
+        -- later always has the higher id and can never be delivered before an earlier one that
+        -- was still uncommitted. (Insert several keys in one transaction in a consistent order.)
+        PERFORM pg_advisory_xact_lock(hashtextextended(NEW.webhook_id::text || '/' || NEW.ordering_key, 0));
+        NEW.delivery_id := nextval(pg_get_serial_sequence('hookfleet.delivery_queue', 'delivery_id'));
+    END IF;
     NEW.next_attempt_at := NEW.deliver_at;
     NEW.retry_count := 0;
     NEW.locked_by := NULL;

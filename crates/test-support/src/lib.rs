@@ -139,25 +139,22 @@ pub struct TestDatabase {
 
 /// Clones the migrated template into a new database for the calling test.
 pub async fn database() -> TestDatabase {
-    let cluster = cluster();
-    let n = cluster.next.fetch_add(1, Ordering::SeqCst);
-    let name = format!("hookfleet_test_{}_{n}", std::process::id());
-    let admin = connect(&cluster.admin.for_database("postgres")).await;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {}", cluster.template))
-        .await
-        .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
-    TestDatabase { url: cluster.admin.for_database(&name), name }
+    create_database("hookfleet_test", Some(&cluster().template)).await
 }
 
 /// A new, empty database (no schema): for testing migrations themselves.
 pub async fn empty_database() -> TestDatabase {
+    create_database("hookfleet_empty", None).await
+}
+
+async fn create_database(prefix: &str, template: Option<&str>) -> TestDatabase {
     let cluster = cluster();
     let n = cluster.next.fetch_add(1, Ordering::SeqCst);
-    let name = format!("hookfleet_empty_{}_{n}", std::process::id());
+    let name = format!("{prefix}_{}_{n}", std::process::id());
+    let template = template.map(|template| format!(" TEMPLATE {template}")).unwrap_or_default();
     let admin = connect(&cluster.admin.for_database("postgres")).await;
     admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .batch_execute(&format!("CREATE DATABASE {name}{template}"))
         .await
         .unwrap_or_else(|error| panic!("cannot create test database {name}: {error}"));
     TestDatabase { url: cluster.admin.for_database(&name), name }

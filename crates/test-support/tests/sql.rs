@@ -2128,3 +2128,35 @@ async fn prune_workers_forgets_only_long_silent_workers() {
     assert_eq!(queue(&db).prune_workers(Duration::from_secs(3600)).await.expect("prune"), 1);
     assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'alive'").await, 1);
 }
+
+#[tokio::test]
+async fn producers_of_one_ordering_key_get_ids_in_commit_order() {
+    let db = database().await;
+    let hook = webhook(&db).await;
+    let mut first = db.client().await;
+    let second = db.client().await;
+    let insert = "INSERT INTO hookfleet.delivery_queue (webhook_id, ordering_key, message_body) \
+                  VALUES ($1, 'k', $2) RETURNING delivery_id";
+    let t1 = first.transaction().await.expect("begin");
+    let early: i64 = t1.query_one(insert, &[&hook, &serde_json::json!({"seq": 1})]).await.expect("t1").get(0);
+    // The second producer of the key waits for the first to commit…
+    let late = tokio::spawn(async move {
+        second.query_one(insert, &[&hook, &serde_json::json!({"seq": 2})]).await.expect("t2").get::<_, i64>(0)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!late.is_finished(), "the second producer of the key must wait for the first");
+    // …while another key is not held up.
+    let other: i64 = db
+        .client()
+        .await
+        .query_one(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, ordering_key, message_body) VALUES ($1, 'other', '{}') RETURNING delivery_id",
+            &[&hook],
+        )
+        .await
+        .expect("other key")
+        .get(0);
+    t1.commit().await.expect("commit");
+    let late = late.await.expect("t2 finished");
+    assert!(late > early && late > other, "ids follow commit order: {early} < {late}");
+}
