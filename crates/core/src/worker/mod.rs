@@ -38,6 +38,10 @@ use crate::webhooks::{WebhookStore, WebhookTarget};
 
 /// Largest write-back batch; bigger backlogs are written in several statements.
 const MAX_COMPLETE_BATCH: usize = 1000;
+/// After the shutdown grace, how long each last database step (final write-back, release,
+/// deregister) may take: the drain must end before the orchestrator's kill (grace + 5 s in the
+/// shipped manifests). Whatever is still held then comes back through its lease.
+const SHUTDOWN_STEP_LIMIT: Duration = Duration::from_secs(3);
 /// How long rows of a webhook this worker cannot use (e.g. undecryptable) wait before another try.
 const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 
@@ -218,17 +222,26 @@ impl Engine {
         }
         // The completer ends once every sender (the context's and the tasks') is gone.
         drop(context);
-        if let Err(error) = completer.await {
-            tracing::error!(%error, "write-back task failed");
+        let abort_completer = completer.abort_handle();
+        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, completer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "write-back task failed"),
+            Err(_) => {
+                abort_completer.abort();
+                tracing::warn!("the final write-back did not finish in time; those rows return after their lease");
+            }
         }
         services.wait().await;
-        match self.queue.release_held(&worker_id).await {
-            Ok(0) => {}
-            Ok(released) => tracing::info!(released, "released unfinished deliveries to pending"),
-            Err(error) => tracing::warn!(%error, "cannot release held deliveries; their leases will expire"),
+        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.release_held(&worker_id)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(released)) => tracing::info!(released, "released unfinished deliveries to pending"),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot release held deliveries; their leases will expire"),
+            Err(_) => tracing::warn!("releasing held deliveries timed out; their leases will expire"),
         }
-        if let Err(error) = self.queue.deregister(&worker_id).await {
-            tracing::warn!(%error, "cannot deregister from hookfleet.workers");
+        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.deregister(&worker_id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot deregister from hookfleet.workers"),
+            Err(_) => tracing::warn!("deregistering timed out; the registry forgets silent workers"),
         }
         tracing::info!(%worker_id, "worker stopped");
     }
