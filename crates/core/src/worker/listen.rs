@@ -12,24 +12,42 @@ use tokio_util::sync::CancellationToken;
 use super::sleep_or_shutdown;
 use crate::db::{self, DbError};
 
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
 pub(super) async fn run(database_url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
-    let mut pause = Duration::from_millis(100);
+    let mut outage = Outage { pause: FIRST_PAUSE, failures: 0 };
     loop {
-        match listen(&database_url, &wake, &shutdown).await {
+        match listen(&database_url, &wake, &shutdown, &mut outage).await {
             Ok(()) => return,
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?pause, "wake-up listener disconnected; polling every POLL_INTERVAL until it reconnects");
+                outage.failures += 1;
+                if outage.failures == 1 {
+                    tracing::warn!(%error, "wake-up listener disconnected; polling every POLL_INTERVAL until it reconnects");
+                } else {
+                    tracing::debug!(%error, retry_in = ?outage.pause, "wake-up listener still cannot connect");
+                }
             }
         }
-        if sleep_or_shutdown(pause, &shutdown).await {
+        if sleep_or_shutdown(outage.pause, &shutdown).await {
             return;
         }
-        pause = (pause * 2).min(Duration::from_secs(10));
+        outage.pause = (outage.pause * 2).min(Duration::from_secs(10));
     }
 }
 
+/// The reconnect state: backoff grows within one outage and starts over once connected again.
+struct Outage {
+    pause: Duration,
+    failures: u32,
+}
+
 /// Listens until shutdown (Ok) or until the connection fails (Err).
-async fn listen(database_url: &str, wake: &Notify, shutdown: &CancellationToken) -> Result<(), DbError> {
+async fn listen(
+    database_url: &str,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+    outage: &mut Outage,
+) -> Result<(), DbError> {
     let config = db::connection_config(database_url, "hookfleet-worker-listen")?;
     let (client, mut connection) = config.connect(NoTls).await?;
     let (notifications, mut received) = mpsc::unbounded_channel();
@@ -50,7 +68,12 @@ async fn listen(database_url: &str, wake: &Notify, shutdown: &CancellationToken)
         Ok(())
     });
     client.batch_execute("LISTEN hookfleet_deliveries").await?;
-    tracing::debug!("listening for new deliveries");
+    if outage.failures > 0 {
+        tracing::info!(attempts = outage.failures, "wake-up listener reconnected");
+    } else {
+        tracing::debug!("listening for new deliveries");
+    }
+    *outage = Outage { pause: FIRST_PAUSE, failures: 0 };
     // Rows may have arrived while nobody was listening.
     wake.notify_one();
     let outcome = loop {

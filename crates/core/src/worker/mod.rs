@@ -275,6 +275,9 @@ impl Engine {
             let started = Instant::now();
             let claimed = match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease).await {
                 Ok(claimed) => {
+                    if failures > 0 {
+                        tracing::info!(failed_claims = failures, "database reachable again; claiming");
+                    }
                     failures = 0;
                     claimed
                 }
