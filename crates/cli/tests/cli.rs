@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use hookfleet_core::config::Config;
-use hookfleet_test_support::{database, empty_database, TestDatabase};
+use hookfleet_test_support::{database, empty_database};
 
 fn hookfleet(env: &HashMap<String, String>, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hookfleet"))
@@ -28,10 +28,6 @@ fn stderr(output: &Output) -> String {
 fn ok(output: Output) -> String {
     assert!(output.status.success(), "hookfleet failed: {}{}", stdout(&output), stderr(&output));
     stdout(&output)
-}
-
-async fn count(db: &TestDatabase, query: &str) -> i64 {
-    db.client().await.query_one(query, &[]).await.expect(query).get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +53,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         .expect("setting")
         .get(0);
     assert_eq!(limit, "1000", "migrate writes HOOKFLEET_MAX_BODY_BYTES into the database");
-    assert_eq!(count(&db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet'").await, 6);
+    assert_eq!(db.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet'").await, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +142,7 @@ async fn webhooks_create_refuses_bad_input_and_changes_nothing() {
         assert!(message.to_lowercase().contains(&expected.to_lowercase()), "{args:?}: {message}");
         assert!(!message.contains("pw@"), "credentials leaked into the error: {message}");
     }
-    assert_eq!(count(&db, "SELECT count(*) FROM hookfleet.webhooks").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.webhooks").await, 0);
 }
 
 #[test]

@@ -130,6 +130,9 @@ impl Cluster {
     }
 }
 
+/// `(delivery_status, retry_count, last_status_code, last_error)` of one delivery.
+pub type DeliveryState = (String, i32, Option<i32>, Option<String>);
+
 /// A fresh, migrated database for one test.
 pub struct TestDatabase {
     pub name: String,
@@ -163,6 +166,49 @@ async fn create_database(prefix: &str, template: Option<&str>) -> TestDatabase {
 impl TestDatabase {
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.url).await
+    }
+
+    /// The single bigint a query returns (counts, ids).
+    pub async fn count(&self, query: &str) -> i64 {
+        self.client().await.query_one(query, &[]).await.unwrap_or_else(|error| panic!("{query}: {error}")).get(0)
+    }
+
+    /// A producer's plain INSERT of `body` (JSON text) for `webhook_id`; the new delivery_id.
+    pub async fn insert_delivery(&self, webhook_id: i64, body: &str) -> i64 {
+        let body: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        self.client()
+            .await
+            .query_one(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ($1, $2) RETURNING delivery_id",
+                &[&webhook_id, &body],
+            )
+            .await
+            .expect("insert delivery")
+            .get(0)
+    }
+
+    /// A delivery's status, retry count, last status code and last error.
+    pub async fn delivery(&self, delivery_id: i64) -> DeliveryState {
+        let row = self
+            .client()
+            .await
+            .query_one(
+                "SELECT delivery_status, retry_count, last_status_code, last_error FROM hookfleet.delivery_queue \
+                 WHERE delivery_id = $1",
+                &[&delivery_id],
+            )
+            .await
+            .expect("delivery row");
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    }
+
+    /// Waits (30 s at most) until the delivery has `status`; its state then.
+    pub async fn wait_for_status(&self, delivery_id: i64, status: &str) -> DeliveryState {
+        eventually(Duration::from_secs(30), &format!("delivery {delivery_id} to be {status}"), || async {
+            let state = self.delivery(delivery_id).await;
+            (state.0 == status).then_some(state)
+        })
+        .await
     }
 
     /// The environment a process needs to use this database with loopback receivers.

@@ -17,44 +17,6 @@ async fn webhook(db: &TestDatabase, url: String) -> WebhookView {
     db.create_webhook(NewWebhook { url, enabled: true, ..NewWebhook::default() }).await
 }
 
-/// The row's status, retry count, last status code and last error.
-async fn delivery_row(db: &TestDatabase, delivery_id: i64) -> (String, i32, Option<i32>, Option<String>) {
-    let client = db.client().await;
-    let row = client
-        .query_one(
-            "SELECT delivery_status, retry_count, last_status_code, last_error FROM hookfleet.delivery_queue WHERE delivery_id = $1",
-            &[&delivery_id],
-        )
-        .await
-        .expect("delivery row");
-    (row.get(0), row.get(1), row.get(2), row.get(3))
-}
-
-async fn wait_for_status(
-    db: &TestDatabase,
-    delivery_id: i64,
-    status: &str,
-) -> (String, i32, Option<i32>, Option<String>) {
-    eventually(DEADLINE, &format!("delivery {delivery_id} to be {status}"), || async {
-        let row = delivery_row(db, delivery_id).await;
-        (row.0 == status).then_some(row)
-    })
-    .await
-}
-
-async fn insert(db: &TestDatabase, webhook_id: i64, body: &str) -> i64 {
-    let client = db.client().await;
-    let body: serde_json::Value = serde_json::from_str(body).expect("json");
-    client
-        .query_one(
-            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ($1, $2) RETURNING delivery_id",
-            &[&webhook_id, &body],
-        )
-        .await
-        .expect("insert")
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_insert_is_delivered_signed_and_verifiable() {
     let db = database().await;
@@ -63,7 +25,7 @@ async fn a_plain_insert_is_delivered_signed_and_verifiable() {
     assert_eq!(hook.webhook_id, 100, "the first webhook gets the id the README's example uses");
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
 
-    let delivery_id = insert(&db, hook.webhook_id, r#"{"type":"test","n":1}"#).await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"test","n":1}"#).await;
     let requests = receiver.wait_for(1, DEADLINE).await;
     let request = &requests[0];
     assert_eq!(request.path, "/hook");
@@ -75,7 +37,7 @@ async fn a_plain_insert_is_delivered_signed_and_verifiable() {
     assert_eq!(request.header("x-webhook-timestamp"), request.header("webhook-timestamp"));
     verify_with_python(hook.secret.as_deref().expect("secret"), request).expect("official verifier accepts it");
 
-    let (status, retries, code, error) = wait_for_status(&db, delivery_id, "delivered").await;
+    let (status, retries, code, error) = db.wait_for_status(delivery_id, "delivered").await;
     assert_eq!((retries, code, error), (0, Some(200), None));
     let client = db.client().await;
     let attempt = client
@@ -142,7 +104,7 @@ async fn a_rolled_back_insert_is_never_delivered_and_a_committed_one_is() {
         .await
         .expect("committed row")
         .get(0);
-    wait_for_status(&db, committed, "delivered").await;
+    db.wait_for_status(committed, "delivered").await;
     let rows: i64 = client.query_one("SELECT count(*) FROM hookfleet.delivery_queue", &[]).await.expect("count").get(0);
     assert_eq!(rows, 1, "the rolled-back row never existed");
     let ids: Vec<String> =
@@ -163,8 +125,8 @@ async fn a_redirect_is_a_failure_and_is_never_followed() {
     .await;
     let hook = webhook(&db, receiver.url("/hook")).await;
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code, error.as_deref()), (0, Some(302), Some("HTTP 302")));
     assert!(receiver.requests().iter().all(|request| request.path == "/hook"), "the redirect was followed");
     assert_eq!(receiver.requests().len(), 1);
@@ -176,8 +138,8 @@ async fn a_client_error_is_dead_at_once() {
     let receiver = Receiver::start(|_, _| Reply::status(404)).await;
     let hook = webhook(&db, receiver.url("/")).await;
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "dead").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, retries, code, _) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code), (0, Some(404)));
     assert_eq!(receiver.requests().len(), 1, "a 404 is not retried");
     let class: Option<String> = db
@@ -205,8 +167,8 @@ async fn retry_after_on_429_and_408_is_honoured() {
         .await;
         let hook = webhook(&db, receiver.url("/")).await;
         let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
-        let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-        let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+        let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+        let (_, retries, code, _) = db.wait_for_status(delivery_id, "delivered").await;
         assert_eq!((retries, code), (1, Some(200)), "status {status}");
         let requests = receiver.requests();
         assert_eq!(requests.len(), 2);
@@ -240,7 +202,7 @@ async fn server_errors_are_retried_until_dead_then_replay_delivers() {
         .await
         .expect("insert")
         .get(0);
-    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code, error.as_deref()), (2, Some(503), Some("HTTP 503")));
     assert_eq!(receiver.requests().len(), 3, "one attempt and two retries");
     let outcomes: Vec<String> = client
@@ -268,7 +230,7 @@ async fn server_errors_are_retried_until_dead_then_replay_delivers() {
     let replayed: String =
         client.query_one("SELECT hookfleet.replay_delivery($1)", &[&delivery_id]).await.expect("replay").get(0);
     assert_eq!(replayed, "pending");
-    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+    let (_, retries, code, _) = db.wait_for_status(delivery_id, "delivered").await;
     assert_eq!((retries, code), (0, Some(204)));
     assert_eq!(receiver.requests().len(), 4);
 }
@@ -325,8 +287,8 @@ async fn a_refused_address_is_dead_with_class_blocked() {
     let hook = webhook(&db, receiver.url("/")).await;
     // This worker allows http but not loopback: the guard must refuse 127.0.0.1 before connecting.
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HOOKFLEET_ALLOWED_CIDRS", "")]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-    let (_, retries, code, error) = wait_for_status(&db, delivery_id, "dead").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code), (0, None));
     assert!(error.as_deref().is_some_and(|error| error.contains("blocked")), "last_error: {error:?}");
     let class: Option<String> = db
@@ -346,8 +308,8 @@ async fn metrics_health_and_readiness_are_served() {
     let receiver = Receiver::ok().await;
     let hook = webhook(&db, receiver.url("/")).await;
     let worker = WorkerProcess::spawn(worker_binary(), &db, "w-metrics", &[]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-    wait_for_status(&db, delivery_id, "delivered").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    db.wait_for_status(delivery_id, "delivered").await;
     let (status, _) = eventually(DEADLINE, "/healthz", || worker.get("/healthz")).await;
     assert_eq!(status, 200);
     let (status, _) = eventually(DEADLINE, "/readyz", || worker.get("/readyz")).await;
@@ -394,8 +356,8 @@ async fn sigterm_drains_deregisters_and_exits_zero() {
     let receiver = Receiver::ok().await;
     let hook = webhook(&db, receiver.url("/")).await;
     let mut worker = WorkerProcess::spawn(worker_binary(), &db, "w-term", &[]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
-    wait_for_status(&db, delivery_id, "delivered").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    db.wait_for_status(delivery_id, "delivered").await;
     worker.signal("TERM");
     let status = worker.wait(DEADLINE).await;
     assert!(status.success(), "exit status {status:?}; log:\n{}", worker.log());
@@ -437,15 +399,15 @@ async fn a_killed_workers_lease_expires_and_another_worker_delivers() {
     let hook = webhook(&db, receiver.url("/")).await;
     let settings = [("HOOKFLEET_LEASE", "3s"), ("HTTP_TIMEOUT", "2500ms")];
     let mut doomed = WorkerProcess::spawn(worker_binary(), &db, "w-doomed", &settings);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
     receiver.wait_for(1, DEADLINE).await;
     doomed.signal("KILL");
     doomed.wait(DEADLINE).await;
-    let (status, _, _, _) = delivery_row(&db, delivery_id).await;
+    let (status, _, _, _) = db.delivery(delivery_id).await;
     assert_eq!(status, "in_flight", "the killed worker still holds the row");
 
     let _rescuer = WorkerProcess::spawn(worker_binary(), &db, "w-rescuer", &settings);
-    let (_, retries, code, _) = wait_for_status(&db, delivery_id, "delivered").await;
+    let (_, retries, code, _) = db.wait_for_status(delivery_id, "delivered").await;
     assert_eq!((retries, code), (1, Some(200)), "the attempt lost with the worker counts as a retry");
     let requests = receiver.requests();
     assert_eq!(requests.len(), 2, "delivered again after the crash (at least once)");
@@ -473,10 +435,10 @@ async fn a_receiver_answering_nul_bytes_does_not_stall_the_write_back() {
     let receiver = Receiver::start(|_, _| Reply { body: "ok\0\0garbage".into(), ..Reply::status(200) }).await;
     let hook = webhook(&db, receiver.url("/")).await;
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
-    let first = insert(&db, hook.webhook_id, "{}").await;
-    let second = insert(&db, hook.webhook_id, "{}").await;
+    let first = db.insert_delivery(hook.webhook_id, "{}").await;
+    let second = db.insert_delivery(hook.webhook_id, "{}").await;
     for id in [first, second] {
-        wait_for_status(&db, id, "delivered").await;
+        db.wait_for_status(id, "delivered").await;
     }
     assert_eq!(receiver.requests().len(), 2, "each delivered once");
 }
@@ -489,9 +451,9 @@ async fn a_worker_without_the_right_key_defers_rows_without_using_retries() {
     let wrong_key = hookfleet_core::crypto::EncryptionKey::generate_base64();
     let mut wrong =
         WorkerProcess::spawn(worker_binary(), &db, "w-wrong-key", &[("HOOKFLEET_ENCRYPTION_KEY", &wrong_key)]);
-    let delivery_id = insert(&db, hook.webhook_id, "{}").await;
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
     let (status, retries, _, error) = eventually(DEADLINE, "the row to be deferred", || async {
-        let row = delivery_row(&db, delivery_id).await;
+        let row = db.delivery(delivery_id).await;
         row.3.is_some().then_some(row)
     })
     .await;
@@ -515,7 +477,7 @@ async fn a_worker_without_the_right_key_defers_rows_without_using_retries() {
         .await
         .expect("due now");
     let _right = WorkerProcess::spawn(worker_binary(), &db, "w-right-key", &[]);
-    wait_for_status(&db, delivery_id, "delivered").await;
+    db.wait_for_status(delivery_id, "delivered").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,8 +497,8 @@ async fn consecutive_failures_open_the_circuit_and_later_rows_wait_untouched() {
     );
     let client = db.client().await;
     for n in 0..3 {
-        let id = insert(&db, hook.webhook_id, &format!("{{\"n\":{n}}}")).await;
-        wait_for_status(&db, id, "dead").await;
+        let id = db.insert_delivery(hook.webhook_id, &format!("{{\"n\":{n}}}")).await;
+        db.wait_for_status(id, "dead").await;
     }
     let (health, circuit): (String, String) = client
         .query_one(
@@ -553,12 +515,12 @@ async fn consecutive_failures_open_the_circuit_and_later_rows_wait_untouched() {
     })
     .await;
     // Another row for the open webhook is skipped at claim time: still pending, retries untouched.
-    let waiting = insert(&db, hook.webhook_id, "{}").await;
+    let waiting = db.insert_delivery(hook.webhook_id, "{}").await;
     let other_receiver = Receiver::ok().await;
     let other = webhook(&db, other_receiver.url("/")).await;
-    let delivered = insert(&db, other.webhook_id, "{}").await;
-    wait_for_status(&db, delivered, "delivered").await;
-    let (status, retries, _, _) = delivery_row(&db, waiting).await;
+    let delivered = db.insert_delivery(other.webhook_id, "{}").await;
+    db.wait_for_status(delivered, "delivered").await;
+    let (status, retries, _, _) = db.delivery(waiting).await;
     assert_eq!((status.as_str(), retries), ("pending", 0));
     assert_eq!(receiver.requests().len(), 3, "nothing was sent while the circuit is open");
 }

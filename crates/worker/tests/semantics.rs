@@ -19,16 +19,34 @@ async fn webhook(db: &TestDatabase, url: String, event_types: &[&str]) -> Webhoo
     db.create_webhook(NewWebhook { url, event_types, enabled: true, ..NewWebhook::default() }).await
 }
 
-async fn count(db: &TestDatabase, query: &str) -> i64 {
-    db.client().await.query_one(query, &[]).await.expect(query).get(0)
-}
-
 async fn wait_until_all(db: &TestDatabase, status: &str, rows: i64) {
     let query = format!("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = '{status}'");
-    eventually(Duration::from_secs(60), &format!("{rows} rows {status}"), || async {
-        (count(db, &query).await == rows).then_some(())
-    })
-    .await;
+    let until = Instant::now() + Duration::from_secs(60);
+    while db.count(&query).await != rows {
+        if Instant::now() > until {
+            let messages = db
+                .client()
+                .await
+                .simple_query(
+                    "SELECT delivery_id, message_id, delivery_status, retry_count, locked_by, locked_until, \
+                     next_attempt_at, now(), last_error FROM hookfleet.delivery_queue \
+                     WHERE delivery_status <> 'delivered' ORDER BY delivery_id LIMIT 20",
+                )
+                .await
+                .expect("stuck rows");
+            let stuck: Vec<String> = messages
+                .iter()
+                .filter_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join(" | "))
+                    }
+                    _ => None,
+                })
+                .collect();
+            panic!("timed out waiting for {rows} rows to be {status}; not settled:\n{}", stuck.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The worker's LISTEN session, once it is connected and idle.
@@ -59,7 +77,7 @@ async fn an_insert_wakes_an_idle_worker_long_before_the_poll_interval_and_after_
     let first_listener = listener_pid(&db).await;
     // Let the worker's first claim find nothing so that it is asleep on its 60 s poll.
     eventually(DEADLINE, "the worker to register", || async {
-        (count(&db, "SELECT count(*) FROM hookfleet.workers").await == 1).then_some(())
+        (db.count("SELECT count(*) FROM hookfleet.workers").await == 1).then_some(())
     })
     .await;
 
@@ -106,8 +124,11 @@ async fn keyed_rows_go_one_at_a_time_in_order_across_three_workers_and_retries()
     })
     .await;
     let hook = webhook(&db, receiver.url("/"), &[]).await;
+    // Eight failures can come in a row here; the breaker (threshold 5) would rightly open and
+    // pause the webhook for a minute, which is not what this test is about.
+    let settings = [("BATCH_SIZE", "5"), ("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "1000")];
     let workers: Vec<WorkerProcess> =
-        (1..=3).map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &[("BATCH_SIZE", "5")])).collect();
+        (1..=3).map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &settings)).collect();
     // Interleaved keys in one statement, plus unkeyed rows.
     db.client()
         .await
@@ -131,18 +152,18 @@ async fn keyed_rows_go_one_at_a_time_in_order_across_three_workers_and_retries()
     }
     assert_eq!(receiver.requests().len() as i64, KEYS * PER_KEY + KEYS, "one retry per key");
     // One at a time: each row's first attempt started after its predecessor was settled.
-    let overlaps = count(
-        &db,
-        "SELECT count(*) FROM hookfleet.delivery_queue q \
+    let overlaps = db
+        .count(
+            "SELECT count(*) FROM hookfleet.delivery_queue q \
          JOIN hookfleet.delivery_queue prev ON prev.webhook_id = q.webhook_id AND prev.ordering_key = q.ordering_key \
               AND prev.delivery_id = (SELECT max(p.delivery_id) FROM hookfleet.delivery_queue p \
                                        WHERE p.ordering_key = q.ordering_key AND p.delivery_id < q.delivery_id) \
          JOIN hookfleet.delivery_attempts a ON a.delivery_id = q.delivery_id AND a.attempt_number = 1 \
          WHERE a.started_at < prev.delivered_at",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(overlaps, 0, "a keyed row started before its predecessor was delivered");
-    let workers_used = count(&db, "SELECT count(DISTINCT worker_id) FROM hookfleet.delivery_attempts").await;
+    let workers_used = db.count("SELECT count(DISTINCT worker_id) FROM hookfleet.delivery_attempts").await;
     assert_eq!(workers_used, 3, "all three workers took part");
     drop(workers);
 }
