@@ -76,6 +76,15 @@ CREATE TABLE hookfleet.delivery_queue (
     CONSTRAINT delivery_queue_event_type_length CHECK (event_type IS NULL OR length(event_type) BETWEEN 1 AND 256),
     CONSTRAINT delivery_queue_ordering_key_length CHECK (ordering_key IS NULL OR length(ordering_key) BETWEEN 1 AND 256)
 );
+-- The queue is small-and-hot: rows are updated two or three times each and then sit settled.
+-- Vacuum it early and without throttling so dead versions don't pile up in front of the claim,
+-- and leave free space on each page so a row's next version usually fits on the same page.
+ALTER TABLE hookfleet.delivery_queue SET (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_insert_scale_factor = 0.01,
+    autovacuum_analyze_scale_factor = 0.02,
+    autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE hookfleet.delivery_queue IS 'The queue: INSERT (webhook_id, message_body) to send a webhook; the fleet claims rows with FOR UPDATE SKIP LOCKED';
 
 -- The claim path: due pending rows in claim order. Partial, so delivered rows never bloat it.
@@ -137,6 +146,13 @@ CREATE TABLE hookfleet.webhook_health_metrics (
     CONSTRAINT webhook_health_metrics_health_status_valid CHECK (health_status IN ('healthy', 'degraded', 'unavailable')),
     CONSTRAINT webhook_health_metrics_circuit_state_valid CHECK (circuit_state IN ('closed', 'open', 'half_open'))
 );
+-- One row per webhook rewritten on every batch: keep pages half empty for HOT updates and vacuum
+-- as soon as a few hundred versions are dead.
+ALTER TABLE hookfleet.webhook_health_metrics SET (
+    fillfactor = 50,
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 200,
+    autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE hookfleet.webhook_health_metrics IS 'Per-webhook health and circuit-breaker state; write it only with hookfleet.update_webhook_health()';
 
 -- Live workers: registered at start, heartbeated, removed at graceful shutdown.
@@ -149,4 +165,5 @@ CREATE TABLE hookfleet.workers (
     last_seen_at timestamptz NOT NULL DEFAULT now(),
     in_flight    integer NOT NULL DEFAULT 0
 );
+ALTER TABLE hookfleet.workers SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 100);
 COMMENT ON TABLE hookfleet.workers IS 'Worker registry: heartbeats size the fleet-wide rate-limit shares and feed v_workers';

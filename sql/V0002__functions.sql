@@ -131,62 +131,65 @@ LANGUAGE sql VOLATILE AS $$
 $$;
 COMMENT ON FUNCTION hookfleet.get_ready_deliveries(text, integer, interval) IS 'Claims up to batch_size due deliveries for worker_id under a lease (FOR UPDATE SKIP LOCKED); max_retries is NULL when neither the row nor the webhook sets it';
 
--- Records one attempt's outcome in the webhook's health row and runs the circuit breaker:
--- failure_threshold consecutive failures open the circuit for open_seconds; the first attempt
--- after that is the probe, whose success closes it and whose failure re-opens it.
-CREATE FUNCTION hookfleet.update_webhook_health(
+-- Records attempts of one webhook, in the order they happened, in its health row and runs the
+-- circuit breaker: failure_threshold consecutive failures open the circuit for open_seconds; the
+-- first attempt after that is the probe, whose success closes it and whose failure re-opens it.
+-- The workers' write-back calls it once per webhook per batch, so a busy webhook's health row is
+-- written (and locked) once per batch rather than once per attempt. 2xx is success.
+CREATE FUNCTION hookfleet.update_webhook_health_many(
     webhook_id bigint,
-    status_code integer,
-    response_time_ms double precision,
-    error_message text,
+    status_codes integer[],
+    response_times_ms double precision[],
+    error_messages text[],
     failure_threshold integer DEFAULT 5,
     open_seconds double precision DEFAULT 60)
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    succeeded boolean := COALESCE(update_webhook_health.status_code BETWEEN 200 AND 299, false);
     m hookfleet.webhook_health_metrics%ROWTYPE;
+    i integer;
+    succeeded boolean;
 BEGIN
     INSERT INTO hookfleet.webhook_health_metrics (webhook_id)
-    SELECT w.webhook_id FROM hookfleet.webhooks w WHERE w.webhook_id = update_webhook_health.webhook_id
+    SELECT w.webhook_id FROM hookfleet.webhooks w WHERE w.webhook_id = update_webhook_health_many.webhook_id
     ON CONFLICT DO NOTHING;
 
     SELECT * INTO m FROM hookfleet.webhook_health_metrics h
-    WHERE h.webhook_id = update_webhook_health.webhook_id
+    WHERE h.webhook_id = update_webhook_health_many.webhook_id
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL; -- the webhook was deleted
     END IF;
 
-    m.total_attempts := m.total_attempts + 1;
-    m.last_status_code := update_webhook_health.status_code;
-    m.success_rate := m.success_rate * 0.95 + (CASE WHEN succeeded THEN 0.05 ELSE 0 END);
-    IF update_webhook_health.response_time_ms IS NOT NULL THEN
-        m.avg_response_time_ms := CASE WHEN m.avg_response_time_ms IS NULL
-            THEN update_webhook_health.response_time_ms
-            ELSE m.avg_response_time_ms * 0.95 + update_webhook_health.response_time_ms * 0.05 END;
-    END IF;
-
-    IF succeeded THEN
-        m.successful_attempts := m.successful_attempts + 1;
-        m.consecutive_failures := 0;
-        m.last_success_at := now();
-        m.circuit_state := 'closed';
-        m.circuit_opened_at := NULL;
-        m.circuit_open_until := NULL;
-    ELSE
-        m.failed_attempts := m.failed_attempts + 1;
-        m.consecutive_failures := m.consecutive_failures + 1;
-        m.last_failure_at := now();
-        m.last_error := left(update_webhook_health.error_message, 1000);
-        IF m.circuit_state IN ('open', 'half_open')
-           OR m.consecutive_failures >= GREATEST(update_webhook_health.failure_threshold, 1) THEN
-            m.circuit_state := 'open';
-            m.circuit_opened_at := now();
-            m.circuit_open_until := now() + make_interval(secs => update_webhook_health.open_seconds);
+    FOR i IN 1 .. coalesce(cardinality(status_codes), 0) LOOP
+        succeeded := COALESCE(status_codes[i] BETWEEN 200 AND 299, false);
+        m.total_attempts := m.total_attempts + 1;
+        m.last_status_code := status_codes[i];
+        m.success_rate := m.success_rate * 0.95 + (CASE WHEN succeeded THEN 0.05 ELSE 0 END);
+        IF response_times_ms[i] IS NOT NULL THEN
+            m.avg_response_time_ms := CASE WHEN m.avg_response_time_ms IS NULL THEN response_times_ms[i]
+                                           ELSE m.avg_response_time_ms * 0.95 + response_times_ms[i] * 0.05 END;
         END IF;
-    END IF;
+        IF succeeded THEN
+            m.successful_attempts := m.successful_attempts + 1;
+            m.consecutive_failures := 0;
+            m.last_success_at := now();
+            m.circuit_state := 'closed';
+            m.circuit_opened_at := NULL;
+            m.circuit_open_until := NULL;
+        ELSE
+            m.failed_attempts := m.failed_attempts + 1;
+            m.consecutive_failures := m.consecutive_failures + 1;
+            m.last_failure_at := now();
+            m.last_error := left(error_messages[i], 1000);
+            IF m.circuit_state IN ('open', 'half_open') OR m.consecutive_failures >= GREATEST(failure_threshold, 1) THEN
+                m.circuit_state := 'open';
+                m.circuit_opened_at := now();
+                m.circuit_open_until := now() + make_interval(secs => open_seconds);
+            END IF;
+        END IF;
+    END LOOP;
 
     m.health_status := CASE
         WHEN m.circuit_state = 'open' AND m.circuit_open_until > now() THEN 'unavailable'
@@ -213,6 +216,20 @@ BEGIN
     WHERE h.webhook_id = m.webhook_id;
     RETURN m.health_status;
 END
+$$;
+COMMENT ON FUNCTION hookfleet.update_webhook_health_many(bigint, integer[], double precision[], text[], integer, double precision) IS 'Records several attempts of one webhook (in order) in webhook_health_metrics with one row write and runs the circuit breaker; returns the new health_status';
+
+-- Records one attempt (SPEC interface): the one-element case of update_webhook_health_many.
+CREATE FUNCTION hookfleet.update_webhook_health(
+    webhook_id bigint,
+    status_code integer,
+    response_time_ms double precision,
+    error_message text,
+    failure_threshold integer DEFAULT 5,
+    open_seconds double precision DEFAULT 60)
+RETURNS text
+LANGUAGE sql AS $$
+    SELECT hookfleet.update_webhook_health_many($1, ARRAY[$2], ARRAY[$3], ARRAY[$4], $5, $6)
 $$;
 COMMENT ON FUNCTION hookfleet.update_webhook_health(bigint, integer, double precision, text, integer, double precision) IS 'Records one attempt (2xx = success) in webhook_health_metrics and runs the circuit breaker; returns the new health_status';
 

@@ -5,8 +5,8 @@
 -- Attempts are recorded even when the lease was lost, because the HTTP request really happened;
 -- ON CONFLICT makes a batch retried after a lost commit reply record each attempt once, and health
 -- counts only the attempts this statement inserted.
--- Health rows are updated in webhook_id order so that concurrent batches from several workers
--- always lock them in the same order and cannot deadlock.
+-- Health rows are written once per webhook, in webhook_id order, so that concurrent batches from
+-- several workers always lock them in the same order and cannot deadlock.
 WITH input AS (
     SELECT *
     FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::integer[], $6::float8[], $7::integer[],
@@ -44,20 +44,23 @@ attempts AS (
            i.status_code, i.error_class, i.error_message, i.response_excerpt, i.outcome
     FROM input i
     ON CONFLICT (delivery_id, started_at) DO NOTHING
-    RETURNING delivery_id, webhook_id, status_code, duration_ms, COALESCE(error_message, error_class) AS error
+    RETURNING delivery_id, webhook_id, started_at, status_code, duration_ms,
+              COALESCE(error_message, error_class) AS error
 ),
+-- One health write per webhook per batch, its attempts folded in the order they started. The
+-- sorted subquery is not flattened, so the function runs in webhook_id order.
 health AS (
-    SELECT h.webhook_id,
-           hookfleet.update_webhook_health(h.webhook_id, h.status_code, h.duration_ms, h.error,
-                                           $14::integer, $15::float8) AS health_status
-    FROM (SELECT * FROM attempts ORDER BY webhook_id, delivery_id) h
-),
--- Each webhook's health after its last attempt of this batch (feeds webhook_circuit_state).
-latest AS (
-    SELECT DISTINCT ON (webhook_id) webhook_id, health_status
-    FROM (SELECT webhook_id, health_status, row_number() OVER () AS n FROM health) numbered
-    ORDER BY webhook_id, n DESC
+    SELECT g.webhook_id,
+           hookfleet.update_webhook_health_many(g.webhook_id, g.status_codes, g.durations_ms, g.errors,
+                                                $14::integer, $15::float8) AS health_status
+    FROM (SELECT webhook_id,
+                 array_agg(status_code ORDER BY started_at, delivery_id) AS status_codes,
+                 array_agg(duration_ms ORDER BY started_at, delivery_id) AS durations_ms,
+                 array_agg(error ORDER BY started_at, delivery_id) AS errors
+          FROM attempts
+          GROUP BY webhook_id
+          ORDER BY webhook_id) g
 )
 SELECT ARRAY(SELECT delivery_id FROM settled) AS settled_ids,
-       ARRAY(SELECT webhook_id FROM latest ORDER BY webhook_id) AS webhook_ids,
-       ARRAY(SELECT health_status FROM latest ORDER BY webhook_id) AS health_statuses
+       ARRAY(SELECT webhook_id FROM health ORDER BY webhook_id) AS webhook_ids,
+       ARRAY(SELECT health_status FROM health ORDER BY webhook_id) AS health_statuses

@@ -2160,3 +2160,41 @@ async fn producers_of_one_ordering_key_get_ids_in_commit_order() {
     let late = late.await.expect("t2 finished");
     assert!(late > early && late > other, "ids follow commit order: {early} < {late}");
 }
+
+#[tokio::test]
+async fn health_from_a_batch_folds_its_attempts_in_order() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let fold = |codes: Vec<Option<i32>>| {
+        let client = &client;
+        async move {
+            let times: Vec<f64> = codes.iter().map(|_| 10.0).collect();
+            let errors: Vec<Option<String>> = codes.iter().map(|_| Some("x".to_owned())).collect();
+            client
+                .query_one(
+                    "SELECT hookfleet.update_webhook_health_many($1, $2, $3, $4, 3, 60)",
+                    &[&hook, &codes, &times, &errors],
+                )
+                .await
+                .expect("health")
+                .get::<_, Option<String>>(0)
+        }
+    };
+    // Failures then a success: the success resets the run, the circuit stays closed.
+    assert_eq!(fold(vec![Some(500), Some(500), Some(200)]).await.as_deref(), Some("healthy"));
+    let row = client
+        .query_one(
+            "SELECT total_attempts, consecutive_failures, circuit_state FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+            &[&hook],
+        )
+        .await
+        .expect("row");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i32>(1), row.get::<_, String>(2)), (3, 0, "closed".into()));
+    // A success then three failures (threshold 3): the batch ends with the circuit open.
+    assert_eq!(fold(vec![Some(200), None, Some(502), Some(404)]).await.as_deref(), Some("unavailable"));
+    assert_eq!(count(&client, "SELECT consecutive_failures::bigint FROM hookfleet.webhook_health_metrics").await, 3);
+    // An empty batch changes nothing but the timestamp.
+    assert_eq!(fold(vec![]).await.as_deref(), Some("unavailable"));
+    assert_eq!(count(&client, "SELECT total_attempts FROM hookfleet.webhook_health_metrics").await, 7);
+}
