@@ -91,43 +91,64 @@ RETURNS TABLE (
     created_at      timestamptz,
     locked_until    timestamptz
 )
-LANGUAGE sql VOLATILE AS $$
-    WITH due AS (
-        SELECT q.delivery_id
-        FROM hookfleet.delivery_queue q
-        WHERE q.delivery_status = 'pending'
-          AND q.next_attempt_at <= now()
-          AND EXISTS (
-              SELECT 1 FROM hookfleet.webhooks w
-              WHERE w.webhook_id = q.webhook_id AND w.enabled)
-          AND NOT EXISTS (
-              SELECT 1 FROM hookfleet.webhook_health_metrics h
-              WHERE h.webhook_id = q.webhook_id
-                AND h.circuit_state = 'open'
-                AND h.circuit_open_until > now())
-          AND (q.ordering_key IS NULL OR NOT EXISTS (
-              SELECT 1 FROM hookfleet.delivery_queue p
-              WHERE p.webhook_id = q.webhook_id
-                AND p.ordering_key = q.ordering_key
-                AND p.delivery_id <> q.delivery_id
-                -- In flight blocks whatever its id: a row committed late with a lower id must
-                -- not overtake one already being attempted.
-                AND (p.delivery_status = 'in_flight'
-                     OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
-        ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
-        LIMIT get_ready_deliveries.batch_size
-        FOR UPDATE OF q SKIP LOCKED
-    )
-    UPDATE hookfleet.delivery_queue q
-    SET delivery_status = 'in_flight',
-        locked_by = get_ready_deliveries.worker_id,
-        locked_until = now() + get_ready_deliveries.lease
-    FROM due, hookfleet.webhooks w
-    WHERE q.delivery_id = due.delivery_id
-      AND w.webhook_id = q.webhook_id
-    RETURNING q.delivery_id, q.webhook_id, w.version, q.message_id, q.event_type,
-              q.message_body::text, q.retry_count, COALESCE(q.max_retries, w.max_retries), q.created_at,
-              q.locked_until
+-- PL/pgSQL rather than SQL: its plans are cached per session, and planning this statement costs
+-- several times what running it does.
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    level smallint;
+    wanted integer := get_ready_deliveries.batch_size;
+    taken integer;
+BEGIN
+    -- One priority level at a time, highest first (each level is one probe of the due index: a
+    -- skip scan). Within a level the index is ordered by next_attempt_at, so the scan stops at
+    -- the first row that is not yet due: rows scheduled for later cost nothing, however many.
+    level := (SELECT max(q.priority) FROM hookfleet.delivery_queue q WHERE q.delivery_status = 'pending');
+    WHILE level IS NOT NULL AND wanted > 0 LOOP
+        RETURN QUERY
+        WITH due AS (
+            SELECT q.delivery_id
+            FROM hookfleet.delivery_queue q
+            WHERE q.delivery_status = 'pending'
+              AND q.priority = level
+              AND q.next_attempt_at <= now()
+              AND EXISTS (
+                  SELECT 1 FROM hookfleet.webhooks w
+                  WHERE w.webhook_id = q.webhook_id AND w.enabled)
+              AND NOT EXISTS (
+                  SELECT 1 FROM hookfleet.webhook_health_metrics h
+                  WHERE h.webhook_id = q.webhook_id
+                    AND h.circuit_state = 'open'
+                    AND h.circuit_open_until > now())
+              AND (q.ordering_key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM hookfleet.delivery_queue p
+                  WHERE p.webhook_id = q.webhook_id
+                    AND p.ordering_key = q.ordering_key
+                    AND p.delivery_id <> q.delivery_id
+                    -- In flight blocks whatever its id: a row committed late with a lower id must
+                    -- not overtake one already being attempted.
+                    AND (p.delivery_status = 'in_flight'
+                         OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
+            ORDER BY q.next_attempt_at, q.delivery_id
+            LIMIT wanted
+            FOR UPDATE OF q SKIP LOCKED
+        )
+        UPDATE hookfleet.delivery_queue q
+        SET delivery_status = 'in_flight',
+            locked_by = get_ready_deliveries.worker_id,
+            locked_until = now() + get_ready_deliveries.lease
+        FROM due, hookfleet.webhooks w
+        WHERE q.delivery_id = due.delivery_id
+          AND w.webhook_id = q.webhook_id
+        RETURNING q.delivery_id, q.webhook_id, w.version, q.message_id, q.event_type,
+                  q.message_body::text, q.retry_count, COALESCE(q.max_retries, w.max_retries), q.created_at,
+                  q.locked_until;
+        GET DIAGNOSTICS taken = ROW_COUNT;
+        wanted := wanted - taken;
+        level := (SELECT max(q.priority) FROM hookfleet.delivery_queue q
+                  WHERE q.delivery_status = 'pending' AND q.priority < level);
+    END LOOP;
+END
 $$;
 COMMENT ON FUNCTION hookfleet.get_ready_deliveries(text, integer, interval) IS 'Claims up to batch_size due deliveries for worker_id under a lease (FOR UPDATE SKIP LOCKED); max_retries is NULL when neither the row nor the webhook sets it';
 

@@ -2198,3 +2198,39 @@ async fn health_from_a_batch_folds_its_attempts_in_order() {
     assert_eq!(fold(vec![]).await.as_deref(), Some("unavailable"));
     assert_eq!(count(&client, "SELECT total_attempts FROM hookfleet.webhook_health_metrics").await, 7);
 }
+
+#[tokio::test]
+async fn a_claim_spans_priority_levels_highest_first_and_stops_at_the_batch_size() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    client
+        .execute(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, priority, message_body) \
+             SELECT $1, 'p' || p || '-' || n, p, '{}' FROM generate_series(1, 3) p, generate_series(1, 4) n",
+            &[&hook],
+        )
+        .await
+        .expect("rows");
+    // A future row at the top priority must neither be claimed nor stop the lower levels.
+    client
+        .execute(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, priority, message_body, deliver_at) \
+             VALUES ($1, 'later', 9, '{}', now() + interval '1 hour')",
+            &[&hook],
+        )
+        .await
+        .expect("future row");
+    let ids: Vec<String> = client
+        .query("SELECT message_id FROM hookfleet.get_ready_deliveries('w1', 6, interval '1 minute')", &[])
+        .await
+        .expect("claim")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(ids, ["p3-1", "p3-2", "p3-3", "p3-4", "p2-1", "p2-2"]);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight'").await,
+        6
+    );
+}
