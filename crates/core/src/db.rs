@@ -68,10 +68,23 @@ pub fn connection_config(url: &str, application_name: &str) -> Result<tokio_post
 /// The process-wide pool. `RecyclingMethod::Fast` skips the per-checkout health query; a broken
 /// connection is detected by the failing statement and dropped by deadpool.
 pub fn pool(url: &str, application_name: &str, max_size: usize) -> Result<Pool, DbError> {
+    build_pool(url, application_name, max_size, "")
+}
+
+/// The worker's pool. Its sessions commit asynchronously (no wait for the WAL flush): a worker's
+/// commit lost in a PostgreSQL crash only puts a row back to `in_flight` or `pending`, where the
+/// lease rescue finds it and it is delivered again with the same `webhook-id` — the duplicate
+/// around a crash that at-least-once allows — while each claim and write-back saves a disk flush.
+/// Producers' inserts and admin writes keep the server's durability.
+pub fn worker_pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
+    build_pool(url, "hookfleet-worker", max_size, " -c synchronous_commit=off")
+}
+
+fn build_pool(url: &str, application_name: &str, max_size: usize, extra_options: &str) -> Result<Pool, DbError> {
     let mut config = connection_config(url, application_name)?;
     // The fleet's own statements take milliseconds; one that runs for 30 s is stuck (or behind a
     // lock someone forgot), and failing it lets the caller's retry logic take over.
-    config.options("-c idle_in_transaction_session_timeout=60000 -c statement_timeout=30000");
+    config.options(format!("-c idle_in_transaction_session_timeout=60000 -c statement_timeout=30000{extra_options}"));
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(max_size)

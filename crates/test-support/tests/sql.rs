@@ -2234,3 +2234,14 @@ async fn a_claim_spans_priority_levels_highest_first_and_stops_at_the_batch_size
         6
     );
 }
+
+#[tokio::test]
+async fn worker_sessions_commit_asynchronously_with_statement_timeouts() {
+    let db = database().await;
+    let pool = hookfleet_core::db::worker_pool(&db.url, 1).expect("pool");
+    let client = pool.get().await.expect("connection");
+    for (setting, expected) in [("synchronous_commit", "off"), ("statement_timeout", "30s")] {
+        let value: String = client.query_one(&format!("SHOW {setting}"), &[]).await.expect(setting).get(0);
+        assert_eq!(value, expected, "{setting}");
+    }
+}

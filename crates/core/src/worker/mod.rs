@@ -115,7 +115,7 @@ impl WorkerSettings {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let database_url = config.database_url.as_ref().ok_or(DbError::MissingUrl)?.expose_secret().to_owned();
     let keyring = Arc::new(Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?);
-    let pool = db::pool(&database_url, "hookfleet-worker", config.db_pool_size as usize)?;
+    let pool = db::worker_pool(&database_url, config.db_pool_size as usize)?;
     let client =
         DeliveryClient::new(client_options(&config)).map_err(|error| WorkerError::Client(error.to_string()))?;
     let metrics = Arc::new(Metrics::new()?);
