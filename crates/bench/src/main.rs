@@ -1,267 +1,280 @@
-//! `hookfleet-bench`: measures the fleet on this machine. The **drain** scenario pre-inserts rows,
-//! starts N real `hookfleet-worker` processes against a throwaway PostgreSQL and a loopback
-//! receiver in this process, and reports deliveries/s from the first to the last arrival, worker
-//! CPU seconds per 1,000 deliveries and worker peak RSS. Results go to stdout and, as JSON and
-//! Markdown, to `bench/results/`.
+//! `hookfleet-bench`: measures the fleet on this machine against a throwaway (durable) PostgreSQL,
+//! a loopback receiver in this process and real `hookfleet-worker` processes started from the
+//! binary next to this one. Scenarios (each bounded in rows and seconds, each on a fresh
+//! database of the same server):
+//!
+//! - **ceiling**: pgbench runs the bare claim→complete statement on a pre-filled queue: what
+//!   PostgreSQL itself can do with this schema here, the yardstick of the drains.
+//! - **drain**: a pre-filled queue drained by 1, then 3 workers.
+//! - **steady**, **outbox**, **fanout**: producers at a fixed offered rate (multi-row INSERTs,
+//!   transactions of 10 INSERTs, `hookfleet.publish` to 10 webhooks) with the workers running;
+//!   enqueue→arrival latency percentiles.
+//!
+//! Every run also reports worker, PostgreSQL and bench CPU per 1,000 deliveries, worker RSS, the
+//! queue's size and dead tuples, and duplicates. Figures go to stdout and, as JSON and Markdown,
+//! to `bench/results/<timestamp>.{json,md}`. Targets are reported next to them, never asserted.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+mod db;
+mod procs;
+mod receiver;
+mod report;
+mod scenarios;
 
-use anyhow::{bail, Context};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use clap::Parser;
-use hookfleet_core::crypto::{EncryptionKey, Keyring};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::bail;
+use clap::{Parser, ValueEnum};
 use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
-use hookfleet_core::webhooks::{NewWebhook, WebhookStore};
-use secrecy::SecretString;
-use serde::Serialize;
+
+use crate::report::Run;
+use crate::scenarios::{Env, Load, Paced};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Ceiling,
+    Drain,
+    Steady,
+    Outbox,
+    Fanout,
+}
 
 #[derive(Parser)]
-#[command(about = "Measure hookfleet: drain a pre-filled queue with 1..N workers")]
+#[command(about = "Measure hookfleet on this machine: ceiling, drain, steady, outbox and fanout scenarios")]
 struct Args {
-    /// Rows to pre-insert per run.
-    #[arg(long, default_value_t = 20_000)]
-    rows: u32,
-    /// Worker counts to run, one drain each (e.g. 1,3).
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Small sizes for a smoke run of well under a minute (once built): 10,000 drain rows, 5 s per
+    /// paced run, tighter bounds. Explicit options still win.
+    #[arg(long)]
+    quick: bool,
+    /// Which scenarios to run, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,drain,steady,outbox,fanout")]
+    scenarios: Vec<Scenario>,
+    /// Worker counts of the drain runs, one drain each.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
     workers: Vec<u32>,
+    /// Workers serving the paced scenarios (steady, outbox, fanout) [default: 3].
+    #[arg(long, default_value_t = 3)]
+    load_workers: u32,
+    /// Rows pre-inserted for each drain [default: 200000; --quick 10000].
+    #[arg(long)]
+    rows: Option<u32>,
+    /// Rows pre-inserted for the ceiling [default: as --rows].
+    #[arg(long)]
+    ceiling_rows: Option<u32>,
+    /// Offered rates (rows/s) of the steady and outbox runs, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "500,5000")]
+    rates: Vec<f64>,
+    /// Offered rate of the fanout run, in events/s (each event is delivered to every webhook).
+    #[arg(long, default_value_t = 100.0)]
+    fanout_rate: f64,
+    /// Webhooks subscribed to the fanout event.
+    #[arg(long, default_value_t = 10)]
+    fanout_webhooks: u16,
+    /// How long each paced producer runs [default: 60s; --quick 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// After a paced producer stopped, how long to wait for the last arrival [default: 60s; --quick 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    settle_timeout: Option<Duration>,
+    /// Upper bound of each drain and of the ceiling [default: 600s; --quick 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Producer connections of the outbox runs (steady and fanout use one).
+    #[arg(long, default_value_t = 4)]
+    outbox_producers: u32,
+    /// The producers' pacing tick: every tick inserts what the rate made due.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    tick: Duration,
+    /// Worker BATCH_SIZE.
     #[arg(long, default_value_t = 50)]
     batch_size: u32,
+    /// Worker HOOKFLEET_MAX_IN_FLIGHT.
     #[arg(long, default_value_t = 256)]
     max_in_flight: u32,
-    /// Give up on a run after this long.
-    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    /// Load pg_stat_statements (track = all) and report each run's top statements by execution
+    /// time: where PostgreSQL's time goes. Adds a little overhead to every statement.
+    #[arg(long)]
+    statements: bool,
     /// Where the JSON and Markdown results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
 }
 
-/// Arrivals at the receiver: (webhook-id, when).
-#[derive(Default)]
-struct Arrivals {
-    seen: Mutex<Vec<(String, Instant)>>,
-}
-
-#[derive(Serialize)]
-struct DrainResult {
-    scenario: &'static str,
-    workers: u32,
-    rows: u32,
-    batch_size: u32,
-    max_in_flight: u32,
-    /// First to last arrival at the receiver.
-    seconds: f64,
-    deliveries_per_second: f64,
-    /// Until every row was `delivered` in the database (write-back included).
-    settled_seconds: f64,
-    duplicates: usize,
-    worker_cpu_seconds_per_1000: f64,
-    worker_peak_rss_mb: f64,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let quick = args.quick;
+    let rows = args.rows.unwrap_or(if quick { 10_000 } else { 200_000 });
+    let ceiling_rows = args.ceiling_rows.unwrap_or(rows);
+    let duration = args.duration.unwrap_or(Duration::from_secs(if quick { 5 } else { 60 }));
+    let settle_timeout = args.settle_timeout.unwrap_or(Duration::from_secs(if quick { 10 } else { 60 }));
+    let timeout = args.timeout.unwrap_or(Duration::from_secs(if quick { 120 } else { 600 }));
+    if rows == 0 || ceiling_rows < 300 || args.workers.contains(&0) || args.load_workers == 0 {
+        bail!("--rows, --ceiling-rows (at least 300), --workers and --load-workers must be positive");
+    }
+    if args.rates.iter().chain([&args.fanout_rate]).any(|rate| !rate.is_finite() || *rate <= 0.0)
+        || args.outbox_producers == 0
+    {
+        bail!("rates and --outbox-producers must be positive");
+    }
+
     let worker_binary = std::env::current_exe()?.with_file_name("hookfleet-worker");
     if !worker_binary.exists() {
         bail!(
-            "{} not found: build with `cargo build --release -p hookfleet-worker -p hookfleet-bench`",
+            "{} not found: build with `cargo build --release -p hookfleet-worker -p hookfleet-bench` (or use bench/run)",
             worker_binary.display()
         );
     }
-    println!("starting a throwaway PostgreSQL …");
-    let options = EmbeddedOptions {
-        durable: true,
-        stop_when_process_exits: Some(std::process::id()),
-        settings: vec![("max_connections".into(), "200".into()), ("shared_buffers".into(), "256MB".into())],
-    };
+    let mut settings: Vec<(String, String)> =
+        vec![("max_connections".into(), "200".into()), ("shared_buffers".into(), "256MB".into())];
+    if args.statements {
+        let bindir = EmbeddedPostgres::find_bindir()?;
+        let library = bindir.parent().map(|dir| dir.join("lib/pg_stat_statements.so"));
+        if !library.as_ref().is_some_and(|path| path.exists()) {
+            bail!(
+                "--statements needs pg_stat_statements next to {} (apt-get install postgresql-contrib)",
+                bindir.display()
+            );
+        }
+        settings.push(("shared_preload_libraries".into(), "pg_stat_statements".into()));
+        settings.push(("pg_stat_statements.track".into(), "all".into()));
+    }
+    println!("starting a throwaway PostgreSQL (durable) …");
+    let options = EmbeddedOptions { durable: true, stop_when_process_exits: Some(std::process::id()), settings };
     let server = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(options)).await??;
-
-    let arrivals = Arc::new(Arrivals::default());
-    let app = axum::Router::new().fallback(receive).with_state(arrivals.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let receiver = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let mut results = Vec::new();
-    for (run, &workers) in args.workers.iter().enumerate() {
-        let dbname = format!("bench_{run}");
-        let admin = hookfleet_core::db::connect(&server.connection_string("postgres"), "bench").await?;
-        admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await?;
-        let url = server.connection_string(&dbname);
-        arrivals.seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clear();
-        let result = drain(&args, &url, workers, receiver, &worker_binary, &arrivals).await?;
-        println!(
-            "drain: {} workers, {} rows: {:.0} deliveries/s ({:.2} s first→last arrival, settled in {:.2} s), {:.3} worker CPU s per 1000, peak RSS {:.1} MB, {} duplicates",
-            result.workers,
-            result.rows,
-            result.deliveries_per_second,
-            result.seconds,
-            result.settled_seconds,
-            result.worker_cpu_seconds_per_1000,
-            result.worker_peak_rss_mb,
-            result.duplicates
-        );
-        results.push(result);
-    }
-    write_results(&args.out, &results)?;
-    drop(server);
-    Ok(())
-}
-
-async fn drain(
-    args: &Args,
-    url: &str,
-    workers: u32,
-    receiver: std::net::SocketAddr,
-    worker_binary: &Path,
-    arrivals: &Arrivals,
-) -> anyhow::Result<DrainResult> {
-    let mut client = hookfleet_core::db::connect(url, "bench").await?;
-    hookfleet_core::db::migrate(&mut client, 262_144).await?;
-    let key = EncryptionKey::generate_base64();
-    let keyring = Keyring::from_settings(Some(&SecretString::from(key.clone())), &[])?;
-    let store = WebhookStore::new(hookfleet_core::db::pool(url, "bench", 2)?, Arc::new(keyring));
-    let http = hookfleet_core::delivery::DeliveryClient::new(hookfleet_core::delivery::ClientOptions {
-        allow_http: true,
-        allowed_cidrs: vec!["127.0.0.0/8".parse()?],
-        connect_timeout: Duration::from_secs(2),
-        response_body_cap: 1024,
-        user_agent: "hookfleet-bench".into(),
-        extra_root_certificates: Vec::new(),
-    })?;
-    let webhook = store
-        .create(NewWebhook { url: format!("http://{receiver}/"), enabled: true, ..NewWebhook::default() }, &http)
-        .await?;
-    for first in (0..args.rows).step_by(10_000) {
-        let last = (first + 10_000).min(args.rows);
-        client
-            .execute(
-                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
-                 SELECT $1, jsonb_build_object('n', n, 'pad', repeat('x', 200)) FROM generate_series($2::int, $3::int) n",
-                &[&webhook.webhook_id, &(first as i32 + 1), &(last as i32)],
-            )
-            .await?;
-    }
-    client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
-
-    let start = Instant::now();
-    let mut children: Vec<Child> = (1..=workers)
-        .map(|n| {
-            Command::new(worker_binary)
-                .env("DATABASE_URL", url)
-                .env("HOOKFLEET_ENCRYPTION_KEY", &key)
-                .env("HOOKFLEET_ALLOW_HTTP", "true")
-                .env("HOOKFLEET_ALLOWED_CIDRS", "127.0.0.0/8")
-                .env("WORKER_ID", format!("bench-{n}"))
-                .env("METRICS_ADDR", "127.0.0.1:0")
-                .env("BATCH_SIZE", args.batch_size.to_string())
-                .env("HOOKFLEET_MAX_IN_FLIGHT", args.max_in_flight.to_string())
-                .env("LOG_LEVEL", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .context("start hookfleet-worker")
-        })
-        .collect::<Result<_, _>>()?;
-
-    let deadline = start + args.timeout;
-    let settled = loop {
-        let delivered: i64 = client
-            .query_one("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'", &[])
-            .await?
-            .get(0);
-        if delivered >= i64::from(args.rows) {
-            break start.elapsed();
-        }
-        if Instant::now() > deadline {
-            bail!("drain with {workers} workers: only {delivered} of {} delivered after {:?}", args.rows, args.timeout);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (cpu_seconds, peak_rss_kb) =
-        children.iter().map(|child| process_usage(child.id())).fold((0.0, 0u64), |a, b| (a.0 + b.0, a.1.max(b.1)));
-    for child in &children {
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    }
-    for child in &mut children {
-        let _ = child.wait();
-    }
-
-    let seen = arrivals.seen.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-    let first = seen.iter().map(|(_, at)| *at).min().context("no arrivals")?;
-    let last = seen.iter().map(|(_, at)| *at).max().context("no arrivals")?;
-    let unique: HashSet<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
-    let seconds = (last - first).as_secs_f64();
-    println!("  first arrival {:.2} s after the workers started", (first - start).as_secs_f64());
-    Ok(DrainResult {
-        scenario: "drain",
-        workers,
-        rows: args.rows,
+    let postgres_version: String = hookfleet_core::db::connect(&server.connection_string("postgres"), "bench")
+        .await?
+        .query_one("SHOW server_version", &[])
+        .await?
+        .get(0);
+    let (receiver, receiver_addr) = receiver::Receiver::start().await?;
+    let context = report::Context {
+        started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        postgres: postgres_version,
+        durable: true,
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
-        seconds,
-        deliveries_per_second: f64::from(args.rows) / seconds.max(1e-9),
-        settled_seconds: settled.as_secs_f64(),
-        duplicates: seen.len() - unique.len(),
-        worker_cpu_seconds_per_1000: cpu_seconds / f64::from(args.rows) * 1000.0,
-        worker_peak_rss_mb: peak_rss_kb as f64 / 1024.0,
-    })
-}
+        drain_rows: rows,
+        ceiling_rows,
+        paced_seconds: duration.as_secs_f64(),
+        settle_timeout_seconds: settle_timeout.as_secs_f64(),
+        timeout_seconds: timeout.as_secs_f64(),
+        receiver: "HTTP/1.1 keep-alive (axum); HTTP/2 needs TLS with a private CA, which the worker cannot trust yet",
+    };
+    let env = Env {
+        server: &server,
+        receiver,
+        receiver_addr,
+        worker_binary,
+        batch_size: args.batch_size,
+        max_in_flight: args.max_in_flight,
+        timeout,
+        settle_timeout,
+        tick: args.tick,
+        statements: args.statements,
+    };
 
-/// CPU seconds (user + system) and peak RSS (kB) of a live process, from /proc.
-fn process_usage(pid: u32) -> (f64, u64) {
-    let ticks_per_second = 100.0; // USER_HZ on Linux
-    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks_per_second)
-        })
-        .unwrap_or(0.0);
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find(|line| line.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0);
-    (cpu, rss)
-}
-
-async fn receive(State(arrivals): State<Arc<Arrivals>>, headers: HeaderMap) -> StatusCode {
-    let id = headers.get("webhook-id").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
-    if let Ok(mut seen) = arrivals.seen.lock() {
-        seen.push((id, Instant::now()));
+    let mut runs: Vec<Run> = Vec::new();
+    let mut failures = Vec::new();
+    for &scenario in &args.scenarios {
+        let mut plan: Vec<(String, Job)> = Vec::new();
+        match scenario {
+            Scenario::Ceiling => plan.push((format!("ceiling, {ceiling_rows} rows"), Job::Ceiling)),
+            Scenario::Drain => {
+                for &workers in &args.workers {
+                    plan.push((format!("drain, {rows} rows, {workers} workers"), Job::Drain(workers)));
+                }
+            }
+            Scenario::Steady | Scenario::Outbox => {
+                let load = if scenario == Scenario::Steady { Load::Steady } else { Load::Outbox };
+                for &rate in &args.rates {
+                    plan.push((
+                        format!("{} {rate}/s for {duration:?}, {} workers", load.name(), args.load_workers),
+                        Job::Paced(Paced {
+                            load,
+                            rate,
+                            duration,
+                            workers: args.load_workers,
+                            producers: if load == Load::Outbox { args.outbox_producers } else { 1 },
+                            webhooks: 1,
+                        }),
+                    ));
+                }
+            }
+            Scenario::Fanout => plan.push((
+                format!(
+                    "fanout {}/s × {} webhooks for {duration:?}, {} workers",
+                    args.fanout_rate, args.fanout_webhooks, args.load_workers
+                ),
+                Job::Paced(Paced {
+                    load: Load::Fanout,
+                    rate: args.fanout_rate,
+                    duration,
+                    workers: args.load_workers,
+                    producers: 1,
+                    webhooks: args.fanout_webhooks.max(1),
+                }),
+            )),
+        }
+        for (title, job) in plan {
+            println!("{title} …");
+            let began = std::time::Instant::now();
+            let result = match &job {
+                Job::Ceiling => scenarios::ceiling(&env, ceiling_rows).await,
+                Job::Drain(workers) => scenarios::drain(&env, rows, *workers).await,
+                Job::Paced(paced) => scenarios::paced(&env, paced).await,
+            };
+            match result {
+                Ok(run) => {
+                    println!("  {} [{:.1} s]", one_line(&run), began.elapsed().as_secs_f64());
+                    runs.push(run);
+                }
+                Err(error) => {
+                    println!("  FAILED: {error:#}");
+                    failures.push(format!("{title}: {error:#}"));
+                }
+            }
+        }
     }
-    StatusCode::OK
-}
 
-fn write_results(dir: &Path, results: &[DrainResult]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
-    let mut markdown = String::from(
-        "| scenario | workers | rows | deliveries/s | first→last (s) | settled (s) | worker CPU s / 1000 | worker peak RSS (MB) | duplicates |\n|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in results {
-        markdown.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.3} | {:.1} | {} |\n",
-            r.scenario,
-            r.workers,
-            r.rows,
-            r.deliveries_per_second,
-            r.seconds,
-            r.settled_seconds,
-            r.worker_cpu_seconds_per_1000,
-            r.worker_peak_rss_mb,
-            r.duplicates
-        ));
-    }
-    std::fs::write(dir.join(format!("drain-{stamp}.json")), serde_json::to_string_pretty(results)?)?;
-    std::fs::write(dir.join(format!("drain-{stamp}.md")), &markdown)?;
+    report::apply_ceiling(&mut runs);
+    let targets = report::targets(&runs);
+    let markdown = report::markdown(&context, &runs, &targets);
     println!("\n{markdown}");
+    let (json, md) = report::write(&args.out, &context, &runs, &targets)?;
+    println!("wrote {} and {}", json.display(), md.display());
+    drop(env);
+    tokio::task::spawn_blocking(move || drop(server)).await?;
+    if !failures.is_empty() {
+        bail!("{} run(s) failed:\n{}", failures.len(), failures.join("\n"));
+    }
     Ok(())
+}
+
+enum Job {
+    Ceiling,
+    Drain(u32),
+    Paced(Paced),
+}
+
+fn one_line(run: &Run) -> String {
+    let mut line = format!(
+        "{} of {} delivered, {:.0}/s over {:.2} s",
+        run.delivered, run.rows, run.deliveries_per_second, run.seconds
+    );
+    if let (Some(p50), Some(p99), Some(max)) = (run.latency_p50_ms, run.latency_p99_ms, run.latency_max_ms) {
+        line += &format!(", latency p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms");
+    }
+    if let Some(achieved) = run.achieved_rate {
+        line += &format!(", inserted {achieved:.0}/s");
+    }
+    if let Some(cpu) = run.worker_cpu_seconds_per_1000 {
+        line += &format!(", worker CPU {cpu:.3} s/1000");
+    }
+    if !run.complete {
+        line += " (incomplete)";
+    }
+    line
 }

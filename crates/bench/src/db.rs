@@ -1,0 +1,316 @@
+//! Database side of a run: a fresh migrated database per scenario, webhooks pointing at the
+//! receiver, pre-filled queues, and the queue's size and dead tuples.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hookfleet_core::crypto::{EncryptionKey, Keyring};
+use hookfleet_core::delivery::{ClientOptions, DeliveryClient};
+use hookfleet_core::webhooks::{NewWebhook, WebhookStore};
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+/// Body padding, so rows are about the size of a small real event (~250 bytes of JSON).
+pub const PAD: usize = 200;
+/// Rows per pre-fill INSERT.
+const PREFILL_BATCH: u32 = 10_000;
+
+/// A fresh database with the schema, its webhooks and the key the workers need.
+pub struct BenchDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+    pub encryption_key: String,
+    pub webhook_ids: Vec<i64>,
+    /// pg_stat_statements is loaded (`--statements`).
+    pub statements: bool,
+}
+
+/// Creates database `name` (dropping a leftover), migrates it and creates `webhooks` webhooks
+/// pointing at `http://<receiver>/w/<n>`, subscribed to `event_types` (empty: every event).
+pub async fn create(
+    server_url: impl Fn(&str) -> String,
+    name: &str,
+    receiver: SocketAddr,
+    webhooks: u16,
+    event_types: &[&str],
+    statements: bool,
+) -> anyhow::Result<BenchDb> {
+    let admin = hookfleet_core::db::connect(&server_url("postgres"), "bench").await?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+    let url = server_url(name);
+    let mut client = hookfleet_core::db::connect(&url, "bench").await?;
+    hookfleet_core::db::migrate(&mut client, 262_144).await?;
+    if statements {
+        client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
+    }
+    let encryption_key = EncryptionKey::generate_base64();
+    let keyring = Keyring::from_settings(Some(&SecretString::from(encryption_key.clone())), &[])?;
+    let store = WebhookStore::new(hookfleet_core::db::pool(&url, "bench", 2)?, Arc::new(keyring));
+    let http = DeliveryClient::new(ClientOptions {
+        allow_http: true,
+        allowed_cidrs: vec!["127.0.0.0/8".parse()?],
+        connect_timeout: Duration::from_secs(2),
+        response_body_cap: 1024,
+        user_agent: "hookfleet-bench".into(),
+        extra_root_certificates: Vec::new(),
+    })?;
+    let mut webhook_ids = Vec::new();
+    for n in 1..=webhooks {
+        let webhook = store
+            .create(
+                NewWebhook {
+                    name: Some(format!("bench-{n}")),
+                    url: format!("http://{receiver}/w/{n}"),
+                    event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
+                    enabled: true,
+                    ..NewWebhook::default()
+                },
+                &http,
+            )
+            .await
+            .context("create webhook")?;
+        webhook_ids.push(webhook.webhook_id);
+    }
+    Ok(BenchDb { name: name.to_owned(), url, client, encryption_key, webhook_ids, statements })
+}
+
+impl BenchDb {
+    /// `rows` pending rows for the first webhook, in batched INSERTs, then VACUUM ANALYZE.
+    pub async fn prefill(&self, rows: u32) -> anyhow::Result<()> {
+        for first in (0..rows).step_by(PREFILL_BATCH as usize) {
+            let last = (first + PREFILL_BATCH).min(rows);
+            self.client
+                .execute(
+                    "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                     SELECT $1, jsonb_build_object('n', n, 'pad', repeat('x', $4::int)) \
+                     FROM generate_series($2::int, $3::int) n",
+                    &[&self.webhook_ids[0], &(first as i32 + 1), &(last as i32), &(PAD as i32)],
+                )
+                .await?;
+        }
+        self.settle_storage().await
+    }
+
+    /// VACUUM ANALYZE the queue and CHECKPOINT, so a run starts from the same storage state and
+    /// no checkpoint left over from the set-up lands in the measurement.
+    pub async fn settle_storage(&self) -> anyhow::Result<()> {
+        self.client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
+        self.client.batch_execute("CHECKPOINT").await?;
+        Ok(())
+    }
+
+    /// The server process (parent of our backend), for CPU accounting.
+    pub async fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let backend: i32 = self.client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        crate::procs::parent(backend as u32).context("cannot find the postmaster in /proc")
+    }
+
+    /// Rows not yet settled (pending or in flight), through the partial index.
+    pub async fn unsettled(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status IN ('pending', 'in_flight')",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    pub async fn delivered(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .client
+            .query_one("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Waits (up to `limit`) until `count` workers are registered and listening.
+    pub async fn wait_for_workers(&self, count: u32, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM hookfleet.workers), \
+                            (SELECT count(*) FROM pg_stat_activity \
+                             WHERE datname = current_database() AND query = 'LISTEN hookfleet_deliveries')",
+                    &[],
+                )
+                .await?;
+            let (registered, listening): (i64, i64) = (row.get(0), row.get(1));
+            if registered >= i64::from(count) && listening >= i64::from(count) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "only {registered} of {count} workers registered ({listening} listening) after {limit:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (up to `limit`) until no other session is connected to this database, so that every
+    /// backend that touched the queue has exited and flushed its statistics.
+    pub async fn wait_for_sessions_to_end(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let others: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if others == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn queue_size(&self) -> anyhow::Result<QueueSize> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_total_relation_size('hookfleet.delivery_queue'), pg_indexes_size('hookfleet.delivery_queue')",
+                &[],
+            )
+            .await?;
+        let (total, indexes): (i64, i64) = (row.get(0), row.get(1));
+        Ok(QueueSize { total_mb: mb(total), indexes_mb: mb(indexes) })
+    }
+
+    /// `n_dead_tup` of the queue, after every other session ended (their statistics are flushed
+    /// at exit) and our own pending statistics were flushed.
+    pub async fn dead_tuples(&self) -> anyhow::Result<i64> {
+        self.wait_for_sessions_to_end(Duration::from_secs(10)).await?;
+        // PostgreSQL 15+: flush this session's statistics when it next goes idle.
+        let _ = self.client.batch_execute("SELECT pg_stat_force_next_flush()").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let row = self
+            .client
+            .query_opt(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = 'hookfleet' AND relname = 'delivery_queue'",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|row| row.get(0)).unwrap_or(0))
+    }
+
+    /// Where a delivered row's time went, by the database's timestamps (ms, p50 and p99):
+    /// `created_at` (the producer's transaction start) → `last_attempt_at` (the worker started
+    /// the HTTP attempt), and `last_attempt_at` → `delivered_at` (the write-back committed).
+    pub async fn latency_split(&self) -> anyhow::Result<Option<LatencySplit>> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP \
+                            (ORDER BY extract(epoch FROM last_attempt_at - created_at) * 1000), \
+                        percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP \
+                            (ORDER BY extract(epoch FROM delivered_at - last_attempt_at) * 1000) \
+                 FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'",
+                &[],
+            )
+            .await?;
+        let (wait, settle): (Option<Vec<f64>>, Option<Vec<f64>>) = (row.get(0), row.get(1));
+        Ok(match (wait.as_deref(), settle.as_deref()) {
+            (Some(&[wait_p50, wait_p99]), Some(&[settle_p50, settle_p99])) => {
+                Some(LatencySplit { wait_p50, wait_p99, settle_p50, settle_p99 })
+            }
+            _ => None,
+        })
+    }
+
+    /// Starts pg_stat_statements' counts afresh (no-op without `--statements`).
+    pub async fn reset_statements(&self) -> anyhow::Result<()> {
+        if self.statements {
+            self.client.batch_execute("SELECT pg_stat_statements_reset()").await?;
+        }
+        Ok(())
+    }
+
+    /// This database's statements by total execution time (empty without `--statements`).
+    pub async fn top_statements(&self, limit: i64) -> anyhow::Result<Vec<Statement>> {
+        if !self.statements {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT calls, total_exec_time, rows, toplevel, \
+                        left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
+                 FROM pg_stat_statements \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 ORDER BY total_exec_time DESC LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let calls: i64 = row.get(0);
+                let total_ms: f64 = row.get(1);
+                Statement {
+                    calls,
+                    total_ms,
+                    mean_ms: total_ms / calls.max(1) as f64,
+                    rows: row.get(2),
+                    toplevel: row.get(3),
+                    query: row.get(4),
+                }
+            })
+            .collect())
+    }
+
+    /// Drops this database (from the `postgres` database) once a scenario is done with it.
+    pub async fn drop_database(self, server_url: impl Fn(&str) -> String) -> anyhow::Result<()> {
+        let BenchDb { name, client, .. } = self;
+        drop(client);
+        let admin = hookfleet_core::db::connect(&server_url("postgres"), "bench").await?;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        Ok(())
+    }
+}
+
+/// Latency by the database's clock, ms: created → attempt started, attempt started → settled.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct LatencySplit {
+    pub wait_p50: f64,
+    pub wait_p99: f64,
+    pub settle_p50: f64,
+    pub settle_p99: f64,
+}
+
+/// One line of pg_stat_statements.
+#[derive(Serialize, Clone, Debug)]
+pub struct Statement {
+    pub calls: i64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub rows: i64,
+    /// false: run inside a function (its time is also inside the caller's).
+    pub toplevel: bool,
+    pub query: String,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub struct QueueSize {
+    /// `pg_total_relation_size` (heap + indexes + TOAST), MB.
+    pub total_mb: f64,
+    /// `pg_indexes_size`, MB.
+    pub indexes_mb: f64,
+}
+
+fn mb(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}

@@ -1,0 +1,175 @@
+//! Worker processes and what /proc says about them (and about PostgreSQL and this process).
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// Linux reports CPU time in clock ticks of `USER_HZ` (100 on every mainstream platform).
+const TICKS_PER_SECOND: f64 = 100.0;
+/// The worker's own drain after SIGTERM; the queue is settled by then, so this is only a bound.
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How the workers of a run are configured.
+pub struct WorkerSpec<'a> {
+    pub binary: &'a Path,
+    pub database_url: &'a str,
+    pub encryption_key: &'a str,
+    pub batch_size: u32,
+    pub max_in_flight: u32,
+}
+
+/// N running `hookfleet-worker` processes; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Fleet {
+    children: Vec<Child>,
+}
+
+impl Fleet {
+    pub fn start(spec: &WorkerSpec<'_>, count: u32, tag: &str) -> anyhow::Result<Fleet> {
+        let mut fleet = Fleet { children: Vec::new() };
+        for n in 1..=count {
+            let mut command = Command::new(spec.binary);
+            command
+                .env("DATABASE_URL", spec.database_url)
+                .env("HOOKFLEET_ENCRYPTION_KEY", spec.encryption_key)
+                .env("HOOKFLEET_ALLOW_HTTP", "true")
+                .env("HOOKFLEET_ALLOWED_CIDRS", "127.0.0.0/8")
+                .env("WORKER_ID", format!("bench-{tag}-{n}"))
+                .env("METRICS_ADDR", "127.0.0.1:0")
+                .env("BATCH_SIZE", spec.batch_size.to_string())
+                .env("HOOKFLEET_MAX_IN_FLIGHT", spec.max_in_flight.to_string())
+                .env("HOOKFLEET_SHUTDOWN_GRACE", "5s")
+                .env("LOG_LEVEL", "warn")
+                .env_remove("HOOKFLEET_CONFIG")
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null());
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the
+            // worker get SIGTERM when the bench dies without running destructors (SIGKILL, panic
+            // abort), so no worker outlives a benchmark.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                    Ok(())
+                });
+            }
+            fleet.children.push(command.spawn().context("start hookfleet-worker")?);
+        }
+        Ok(fleet)
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// User + system CPU seconds of all workers so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().filter_map(cpu_seconds).sum()
+    }
+
+    /// Largest VmHWM and largest VmRSS among the workers, in kB.
+    pub fn rss_kb(&self) -> (u64, u64) {
+        self.pids().into_iter().fold((0, 0), |(peak, now), pid| {
+            (peak.max(status_kb(pid, "VmHWM:").unwrap_or(0)), now.max(status_kb(pid, "VmRSS:").unwrap_or(0)))
+        })
+    }
+
+    /// Any worker that already exited (it should not: workers run until told to stop).
+    pub fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|child| match child.try_wait() {
+            Ok(Some(status)) => Some(format!("worker {} exited early: {status}", child.id())),
+            _ => None,
+        })
+    }
+
+    /// SIGTERM, wait for the graceful exit, SIGKILL whatever is still running after the deadline.
+    pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for child in &self.children {
+            signal(child.id(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_DEADLINE;
+        for child in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: plain syscall on a pid we own (our child, not yet reaped).
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Fields of /proc/<pid>/stat after the command name: index 0 is field 3 (state).
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
+}
+
+fn ticks(fields: &[String], indices: &[usize]) -> Option<f64> {
+    indices.iter().map(|&i| fields.get(i)?.parse::<f64>().ok()).sum::<Option<f64>>()
+}
+
+/// utime + stime of a live process, seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    // utime and stime are fields 14 and 15.
+    Some(ticks(&stat_fields(&pid.to_string())?, &[11, 12])? / TICKS_PER_SECOND)
+}
+
+/// CPU seconds of this process (the receiver, the producers and the polling).
+pub fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+/// The parent of a process (for a backend: the postmaster).
+pub fn parent(pid: u32) -> Option<u32> {
+    stat_fields(&pid.to_string())?.get(1)?.parse().ok()
+}
+
+/// CPU seconds of the whole PostgreSQL server: the postmaster itself, every child it has reaped
+/// (cutime + cstime) and every live child. Deltas of this over a run are what the server spent.
+pub fn server_cpu_seconds(postmaster: u32) -> f64 {
+    let own = stat_fields(&postmaster.to_string()).and_then(|f| ticks(&f, &[11, 12, 13, 14])).unwrap_or(0.0);
+    let mut children = 0.0;
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let Some(fields) = stat_fields(pid) else { continue };
+            if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) == Some(postmaster) {
+                children += ticks(&fields, &[11, 12]).unwrap_or(0.0);
+            }
+        }
+    }
+    (own + children) / TICKS_PER_SECOND
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|line| line.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,348 @@
+//! Figures of every run, the targets next to them, and the JSON + Markdown files.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::db::{LatencySplit, QueueSize, Statement};
+
+/// One measured run (a scenario at one setting). Fields that do not apply are `None`.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Run {
+    /// ceiling, drain, steady, outbox or fanout.
+    pub scenario: String,
+    /// Human label, e.g. "steady 500/s".
+    pub label: String,
+    pub workers: u32,
+    /// Deliveries the run asked for (rows inserted; for fanout events × webhooks).
+    pub rows: u64,
+    /// Distinct deliveries that arrived (for ceiling: rows claimed and marked delivered).
+    pub delivered: u64,
+    /// Every asked-for delivery arrived within the run's bounds.
+    pub complete: bool,
+    /// First to last arrival (ceiling: pgbench's run time).
+    pub seconds: f64,
+    pub deliveries_per_second: f64,
+    /// `deliveries_per_second` / the ceiling's rows/s (drain only).
+    pub ratio_to_ceiling: Option<f64>,
+    /// Offered producer rate (rows or, for fanout, deliveries per second).
+    pub offered_rate: Option<f64>,
+    /// What the producer actually inserted per second.
+    pub achieved_rate: Option<f64>,
+    /// Enqueue→arrival latency percentiles, ms.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_max_ms: Option<f64>,
+    /// The same latency split by the database's timestamps (paced runs).
+    pub latency_split_ms: Option<LatencySplit>,
+    /// Workers started (drain) or producer stopped (paced) → every row settled in the database.
+    pub settled_seconds: Option<f64>,
+    pub worker_cpu_seconds_per_1000: Option<f64>,
+    pub postgres_cpu_seconds_per_1000: Option<f64>,
+    /// This process: receiver, producers and polling.
+    pub bench_cpu_seconds_per_1000: Option<f64>,
+    /// Largest VmHWM of any worker, MB.
+    pub worker_rss_peak_mb: Option<f64>,
+    /// Largest VmRSS of any worker at the end of the run, MB.
+    pub worker_rss_end_mb: Option<f64>,
+    pub queue_before: Option<QueueSize>,
+    pub queue_after: Option<QueueSize>,
+    /// `pg_stat_user_tables.n_dead_tup` of the queue after the run.
+    pub dead_tuples_after: Option<i64>,
+    /// Requests − distinct (webhook, webhook-id).
+    pub requests: u64,
+    pub duplicates: Option<u64>,
+    /// pgbench: transactions per second (each claims up to 100 rows).
+    pub tps: Option<f64>,
+    pub note: String,
+    /// `--statements`: this run's statements by total execution time (pg_stat_statements).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub statements: Vec<Statement>,
+}
+
+/// What the run was made with.
+#[derive(Serialize, Debug)]
+pub struct Context {
+    pub started_at: String,
+    pub command: String,
+    pub cpus: usize,
+    pub postgres: String,
+    pub durable: bool,
+    pub batch_size: u32,
+    pub max_in_flight: u32,
+    pub drain_rows: u32,
+    pub ceiling_rows: u32,
+    pub paced_seconds: f64,
+    pub settle_timeout_seconds: f64,
+    pub timeout_seconds: f64,
+    pub receiver: &'static str,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Target {
+    pub target: &'static str,
+    pub measured: String,
+    /// "pass", "fail" or "—" (not measured in this run, or report-only).
+    pub verdict: &'static str,
+}
+
+#[derive(Serialize)]
+struct Document<'a> {
+    context: &'a Context,
+    runs: &'a [Run],
+    targets: &'a [Target],
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "—".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn size(value: Option<QueueSize>) -> String {
+    value.map_or_else(|| "—".to_owned(), |s| format!("{:.1} / {:.1}", s.total_mb, s.indexes_mb))
+}
+
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Fills in each drain's ratio to the ceiling (when the ceiling ran).
+pub fn apply_ceiling(runs: &mut [Run]) {
+    let ceiling = runs.iter().find(|r| r.scenario == "ceiling").map(|r| r.deliveries_per_second);
+    if let Some(ceiling) = ceiling.filter(|c| *c > 0.0) {
+        for run in runs.iter_mut().filter(|r| r.scenario == "drain") {
+            run.ratio_to_ceiling = Some(run.deliveries_per_second / ceiling);
+        }
+    }
+}
+
+/// The issue's targets, each with what this run measured (never asserted; report only).
+pub fn targets(runs: &[Run]) -> Vec<Target> {
+    let mut out = Vec::new();
+    let verdict = |ok: bool| if ok { "pass" } else { "fail" };
+    let drain = |workers: u32| runs.iter().find(|r| r.scenario == "drain" && r.workers == workers && r.complete);
+    let steady = |rate: f64| runs.iter().find(|r| r.scenario == "steady" && r.offered_rate == Some(rate));
+
+    out.push(match drain(1).and_then(|r| r.ratio_to_ceiling) {
+        Some(ratio) => Target {
+            target: "drain, 1 worker ≥ 50 % of the PostgreSQL ceiling",
+            measured: format!("{:.0} %", ratio * 100.0),
+            verdict: verdict(ratio >= 0.5),
+        },
+        None => Target {
+            target: "drain, 1 worker ≥ 50 % of the PostgreSQL ceiling",
+            measured: "not run".into(),
+            verdict: "—",
+        },
+    });
+    out.push(match (drain(1), drain(3)) {
+        (Some(one), Some(three)) if one.deliveries_per_second > 0.0 => {
+            let scale = three.deliveries_per_second / one.deliveries_per_second;
+            Target {
+                target: "drain, 3 workers vs 1 ≥ 1.8×",
+                measured: format!("{scale:.2}×"),
+                verdict: verdict(scale >= 1.8),
+            }
+        }
+        _ => Target { target: "drain, 3 workers vs 1 ≥ 1.8×", measured: "not run".into(), verdict: "—" },
+    });
+    out.push(match steady(500.0) {
+        Some(r) => match (r.latency_p50_ms, r.latency_p99_ms) {
+            (Some(p50), Some(p99)) => Target {
+                target: "steady 500/s: p50 ≤ 5 ms and p99 ≤ 25 ms",
+                measured: format!("p50 {p50:.1} ms, p99 {p99:.1} ms{}", if r.complete { "" } else { " (incomplete)" }),
+                verdict: verdict(p50 <= 5.0 && p99 <= 25.0 && r.complete),
+            },
+            _ => Target {
+                target: "steady 500/s: p50 ≤ 5 ms and p99 ≤ 25 ms",
+                measured: "no arrivals".into(),
+                verdict: "fail",
+            },
+        },
+        None => Target {
+            target: "steady 500/s: p50 ≤ 5 ms and p99 ≤ 25 ms", measured: "not run".into(), verdict: "—"
+        },
+    });
+    out.push(match steady(5000.0) {
+        Some(r) => {
+            let achieved = r.achieved_rate.unwrap_or(0.0);
+            let p99 = r.latency_p99_ms.unwrap_or(f64::INFINITY);
+            let sustained = achieved >= 0.95 * 5000.0 && r.complete;
+            Target {
+                target: "steady 5,000/s sustained (≥ 95 % offered, all delivered) with p99 ≤ 100 ms",
+                measured: format!(
+                    "inserted {achieved:.0}/s, delivered {} of {}, p99 {}",
+                    thousands(r.delivered),
+                    thousands(r.rows),
+                    opt(r.latency_p99_ms, 1) + " ms"
+                ),
+                verdict: verdict(sustained && p99 <= 100.0),
+            }
+        }
+        None => Target {
+            target: "steady 5,000/s sustained (≥ 95 % offered, all delivered) with p99 ≤ 100 ms",
+            measured: "not run".into(),
+            verdict: "—",
+        },
+    });
+    let steady_rss =
+        runs.iter().filter(|r| r.scenario == "steady").filter_map(|r| r.worker_rss_end_mb).reduce(f64::max);
+    out.push(match steady_rss {
+        Some(rss) => Target {
+            target: "worker RSS at steady state ≤ 40 MB",
+            measured: format!("{rss:.1} MB (largest VmRSS at the end of the steady runs)"),
+            verdict: verdict(rss <= 40.0),
+        },
+        None => Target { target: "worker RSS at steady state ≤ 40 MB", measured: "not run".into(), verdict: "—" },
+    });
+    let cpu: Vec<String> = runs
+        .iter()
+        .filter(|r| r.scenario != "ceiling")
+        .filter_map(|r| Some(format!("{} {:.3}", r.label, r.worker_cpu_seconds_per_1000?)))
+        .collect();
+    out.push(Target {
+        target: "worker CPU s per 1,000 deliveries (reported)",
+        measured: if cpu.is_empty() { "not run".into() } else { cpu.join("; ") },
+        verdict: "—",
+    });
+    out
+}
+
+pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# hookfleet benchmark, {}\n", context.started_at);
+    let _ = writeln!(
+        md,
+        "`{}` — {} CPUs, PostgreSQL {} ({}), receiver {}, BATCH_SIZE={}, HOOKFLEET_MAX_IN_FLIGHT={}; \
+         PostgreSQL, the workers, the receiver and the producers share this machine.\n",
+        context.command,
+        context.cpus,
+        context.postgres,
+        if context.durable { "durable: fsync and synchronous_commit on" } else { "not durable" },
+        context.receiver,
+        context.batch_size,
+        context.max_in_flight
+    );
+    md.push_str("## Throughput and latency\n\n");
+    md.push_str(
+        "| run | workers | rows | delivered | s | deliveries/s | × ceiling | offered/s | inserted/s | p50 ms | p95 ms | p99 ms | max ms | settled s | duplicates |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {}{} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.label,
+            if r.scenario == "ceiling" { "pgbench -c 3".to_owned() } else { r.workers.to_string() },
+            thousands(r.rows),
+            thousands(r.delivered),
+            if r.complete { "" } else { " (incomplete)" },
+            r.seconds,
+            r.deliveries_per_second,
+            r.ratio_to_ceiling.map_or_else(|| "—".to_owned(), |x| format!("{:.0} %", x * 100.0)),
+            opt(r.offered_rate, 0),
+            opt(r.achieved_rate, 0),
+            opt(r.latency_p50_ms, 1),
+            opt(r.latency_p95_ms, 1),
+            opt(r.latency_p99_ms, 1),
+            opt(r.latency_max_ms, 1),
+            opt(r.settled_seconds, 2),
+            r.duplicates.map_or_else(|| "—".to_owned(), |d| d.to_string()),
+        );
+    }
+    if runs.iter().any(|r| r.latency_split_ms.is_some()) {
+        md.push_str(
+            "\n## Where the latency goes (database timestamps, ms)\n\n\
+             `created_at` is the producer's transaction start, `last_attempt_at` the worker's start of the \
+             HTTP attempt, `delivered_at` the commit of its write-back.\n\n\
+             | run | created → attempt p50 | p99 | attempt → settled p50 | p99 |\n|---|---|---|---|---|\n",
+        );
+        for r in runs {
+            if let Some(split) = r.latency_split_ms {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.label, split.wait_p50, split.wait_p99, split.settle_p50, split.settle_p99
+                );
+            }
+        }
+    }
+    md.push_str("\n## Resources\n\n");
+    md.push_str(
+        "| run | worker CPU s / 1000 | PostgreSQL CPU s / 1000 | bench CPU s / 1000 | worker RSS peak MB | worker RSS end MB | queue before MB (total / indexes) | queue after MB (total / indexes) | dead tuples after |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.label,
+            opt(r.worker_cpu_seconds_per_1000, 3),
+            opt(r.postgres_cpu_seconds_per_1000, 3),
+            opt(r.bench_cpu_seconds_per_1000, 3),
+            opt(r.worker_rss_peak_mb, 1),
+            opt(r.worker_rss_end_mb, 1),
+            size(r.queue_before),
+            size(r.queue_after),
+            r.dead_tuples_after.map_or_else(|| "—".to_owned(), |d| thousands(d.max(0) as u64)),
+        );
+    }
+    md.push_str("\n## Targets (reported, never asserted)\n\n| target | measured | verdict |\n|---|---|---|\n");
+    for t in targets {
+        let _ = writeln!(md, "| {} | {} | {} |", t.target, t.measured, t.verdict);
+    }
+    if runs.iter().any(|r| !r.statements.is_empty()) {
+        md.push_str(
+            "\n## Where PostgreSQL's time goes (pg_stat_statements, track = all)\n\n\
+             Statements run inside a function (top level: no) are also counted in their caller.\n",
+        );
+        for r in runs.iter().filter(|r| !r.statements.is_empty()) {
+            let total: f64 = r.statements.iter().filter(|s| s.toplevel).map(|s| s.total_ms).sum();
+            let _ = writeln!(
+                md,
+                "\n### {}\n\n| total ms | share of top level | calls | mean ms | rows | top level | statement |\n|---|---|---|---|---|---|---|",
+                r.label
+            );
+            for s in &r.statements {
+                let _ = writeln!(
+                    md,
+                    "| {:.0} | {:.0} % | {} | {:.3} | {} | {} | `{}` |",
+                    s.total_ms,
+                    s.total_ms / total.max(1e-9) * 100.0,
+                    thousands(s.calls.max(0) as u64),
+                    s.mean_ms,
+                    thousands(s.rows.max(0) as u64),
+                    if s.toplevel { "yes" } else { "no" },
+                    s.query.replace('|', "\\|").replace('`', "'"),
+                );
+            }
+        }
+    }
+    let notes: Vec<String> =
+        runs.iter().filter(|r| !r.note.is_empty()).map(|r| format!("- {}: {}", r.label, r.note)).collect();
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\n## Notes\n\n{}", notes.join("\n"));
+    }
+    md
+}
+
+/// Writes `<dir>/<timestamp>.json` and `.md`; returns their paths.
+pub fn write(dir: &Path, context: &Context, runs: &[Run], targets: &[Target]) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+    let json = dir.join(format!("{stamp}.json"));
+    let md = dir.join(format!("{stamp}.md"));
+    std::fs::write(&json, serde_json::to_string_pretty(&Document { context, runs, targets })? + "\n")?;
+    std::fs::write(&md, markdown(context, runs, targets))?;
+    Ok((json, md))
+}

@@ -1,0 +1,512 @@
+//! The scenarios. Each one gets a fresh database on the shared throwaway server, is bounded in
+//! rows and seconds, and returns its figures as a [`Run`] (an incomplete run is reported as such,
+//! never turned into a failure).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hookfleet_core::pg_embedded::EmbeddedPostgres;
+use tokio::time::MissedTickBehavior;
+use tokio_postgres::Client;
+
+use crate::db::{self, BenchDb, PAD};
+use crate::procs::{self, Fleet, WorkerSpec};
+use crate::receiver::{self, Receiver, Summary};
+use crate::report::Run;
+
+/// Everything the scenarios share.
+pub struct Env<'a> {
+    pub server: &'a EmbeddedPostgres,
+    pub receiver: Arc<Receiver>,
+    pub receiver_addr: SocketAddr,
+    pub worker_binary: PathBuf,
+    pub batch_size: u32,
+    pub max_in_flight: u32,
+    /// Longest a drain (or the ceiling) may take.
+    pub timeout: Duration,
+    /// Longest the paced scenarios wait after the producer stopped for the last arrival.
+    pub settle_timeout: Duration,
+    pub tick: Duration,
+    /// pg_stat_statements is loaded: report each run's top statements.
+    pub statements: bool,
+}
+
+impl Env<'_> {
+    fn url(&self) -> impl Fn(&str) -> String + '_ {
+        |name| self.server.connection_string(name)
+    }
+
+    fn spec<'b>(&'b self, db: &'b BenchDb) -> WorkerSpec<'b> {
+        WorkerSpec {
+            binary: &self.worker_binary,
+            database_url: &db.url,
+            encryption_key: &db.encryption_key,
+            batch_size: self.batch_size,
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
+/// CPU counters at the start of a measured window.
+struct Meter {
+    postmaster: u32,
+    workers: f64,
+    server: f64,
+    bench: f64,
+}
+
+impl Meter {
+    fn start(postmaster: u32, fleet: Option<&Fleet>) -> Meter {
+        Meter {
+            postmaster,
+            workers: fleet.map_or(0.0, Fleet::cpu_seconds),
+            server: procs::server_cpu_seconds(postmaster),
+            bench: procs::own_cpu_seconds(),
+        }
+    }
+
+    /// Fills the CPU (per 1,000 deliveries) and RSS figures of `run`.
+    fn finish(&self, fleet: Option<&Fleet>, deliveries: u64, run: &mut Run) {
+        let per_1000 = |seconds: f64| seconds / (deliveries.max(1) as f64) * 1000.0;
+        if let Some(fleet) = fleet {
+            run.worker_cpu_seconds_per_1000 = Some(per_1000(fleet.cpu_seconds() - self.workers));
+            let (peak, now) = fleet.rss_kb();
+            run.worker_rss_peak_mb = Some(peak as f64 / 1024.0);
+            run.worker_rss_end_mb = Some(now as f64 / 1024.0);
+        }
+        run.postgres_cpu_seconds_per_1000 = Some(per_1000(procs::server_cpu_seconds(self.postmaster) - self.server));
+        run.bench_cpu_seconds_per_1000 = Some(per_1000(procs::own_cpu_seconds() - self.bench));
+    }
+}
+
+fn apply_summary(run: &mut Run, summary: &Summary) {
+    run.requests = summary.requests;
+    run.delivered = summary.unique;
+    run.duplicates = Some(summary.duplicates);
+    run.seconds = summary.seconds;
+    run.deliveries_per_second = summary.unique as f64 / summary.seconds.max(1e-9);
+    if let Some([p50, p95, p99, max]) = summary.latency_ms {
+        run.latency_p50_ms = Some(p50);
+        run.latency_p95_ms = Some(p95);
+        run.latency_p99_ms = Some(p99);
+        run.latency_max_ms = Some(max);
+    }
+}
+
+/// Waits until `expected` distinct deliveries arrived or `deadline` passed; stops early when a
+/// worker died. Returns whether everything arrived.
+async fn wait_for_arrivals(env: &Env<'_>, fleet: &mut Fleet, expected: u64, deadline: Instant) -> anyhow::Result<bool> {
+    loop {
+        // Counting requests is free; the distinct count is only taken once it can be enough, and
+        // then (duplicates arrived) only every quarter second.
+        let mut pause = Duration::from_millis(20);
+        if env.receiver.requests() >= expected {
+            if env.receiver.unique() >= expected {
+                return Ok(true);
+            }
+            pause = Duration::from_millis(250);
+        }
+        if let Some(problem) = fleet.exited() {
+            bail!(problem);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Waits until no row is pending or in flight, or `deadline`; returns when that happened.
+async fn wait_for_settled(db: &BenchDb, deadline: Instant) -> anyhow::Result<Option<Instant>> {
+    loop {
+        if db.unsettled().await? == 0 {
+            return Ok(Some(Instant::now()));
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After the workers stopped: dead tuples and the queue's size, then the database goes.
+async fn close(env: &Env<'_>, db: BenchDb, run: &mut Run) -> anyhow::Result<()> {
+    run.statements = db.top_statements(8).await?;
+    run.dead_tuples_after = Some(db.dead_tuples().await?);
+    run.queue_after = Some(db.queue_size().await?);
+    db.drop_database(env.url()).await
+}
+
+/// **drain**: `rows` pre-inserted rows for one webhook, then `workers` workers; deliveries/s from
+/// the first to the last arrival.
+pub async fn drain(env: &Env<'_>, rows: u32, workers: u32) -> anyhow::Result<Run> {
+    let db =
+        db::create(env.url(), &format!("bench_drain_{workers}"), env.receiver_addr, 1, &[], env.statements).await?;
+    db.prefill(rows).await?;
+    let mut run = Run {
+        scenario: "drain".into(),
+        label: format!("drain, {workers} worker{}", if workers == 1 { "" } else { "s" }),
+        workers,
+        rows: u64::from(rows),
+        queue_before: Some(db.queue_size().await?),
+        ..Run::default()
+    };
+    let postmaster = db.postmaster_pid().await?;
+    env.receiver.take();
+    db.reset_statements().await?;
+    let meter = Meter::start(postmaster, None);
+    let start = Instant::now();
+    let mut fleet = Fleet::start(&env.spec(&db), workers, &format!("drain{workers}"))?;
+    let deadline = start + env.timeout;
+    let arrived = wait_for_arrivals(env, &mut fleet, u64::from(rows), deadline).await?;
+    let settled = wait_for_settled(&db, deadline).await?;
+    // The workers' CPU since they started (they were started inside the window).
+    meter.finish(Some(&fleet), u64::from(rows), &mut run);
+    fleet.stop();
+    let arrivals = env.receiver.take();
+    let summary = receiver::summarize(&arrivals);
+    apply_summary(&mut run, &summary);
+    run.settled_seconds = settled.map(|at| (at - start).as_secs_f64());
+    run.complete = arrived && settled.is_some();
+    if let Some(first) = summary.first {
+        run.note = format!("first arrival {:.2} s after the workers were started", (first - start).as_secs_f64());
+    }
+    if !run.complete {
+        run.note = format!("stopped after {:?}; {}", env.timeout, run.note);
+    }
+    close(env, db, &mut run).await?;
+    Ok(run)
+}
+
+/// How the paced producer enqueues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// One multi-row INSERT per tick.
+    Steady,
+    /// Transactions of 10 single-row INSERTs.
+    Outbox,
+    /// `hookfleet.publish` to every subscribed webhook, one statement per tick.
+    Fanout,
+}
+
+impl Load {
+    pub fn name(self) -> &'static str {
+        match self {
+            Load::Steady => "steady",
+            Load::Outbox => "outbox",
+            Load::Fanout => "fanout",
+        }
+    }
+}
+
+pub const FANOUT_EVENT: &str = "bench.fanout";
+const OUTBOX_TRANSACTION_ROWS: u64 = 10;
+
+/// What a paced scenario is asked to do.
+pub struct Paced {
+    pub load: Load,
+    /// Rows (steady, outbox) or events (fanout) per second, over all producers.
+    pub rate: f64,
+    pub duration: Duration,
+    pub workers: u32,
+    pub producers: u32,
+    /// Webhooks subscribed to the fanout event (1 for steady and outbox).
+    pub webhooks: u16,
+}
+
+/// **steady / outbox / fanout**: workers running first, then producers at a fixed offered rate
+/// for a fixed time; enqueue→arrival latency from `sent_at_us` in the body.
+pub async fn paced(env: &Env<'_>, paced: &Paced) -> anyhow::Result<Run> {
+    let name = paced.load.name();
+    let events: &[&str] = if paced.load == Load::Fanout { &[FANOUT_EVENT] } else { &[] };
+    let db = db::create(
+        env.url(),
+        &format!("bench_{name}_{}", paced.rate as u64),
+        env.receiver_addr,
+        paced.webhooks,
+        events,
+        env.statements,
+    )
+    .await?;
+    db.settle_storage().await?;
+    let per_event = if paced.load == Load::Fanout { u64::from(paced.webhooks) } else { 1 };
+    let mut run = Run {
+        scenario: name.into(),
+        label: match paced.load {
+            Load::Fanout => format!("fanout {}/s × {} webhooks", paced.rate, paced.webhooks),
+            _ => format!("{name} {}/s", paced.rate),
+        },
+        workers: paced.workers,
+        offered_rate: Some(paced.rate * per_event as f64),
+        queue_before: Some(db.queue_size().await?),
+        ..Run::default()
+    };
+    let postmaster = db.postmaster_pid().await?;
+    let mut fleet = Fleet::start(&env.spec(&db), paced.workers, name)?;
+    db.wait_for_workers(paced.workers, Duration::from_secs(30)).await?;
+    env.receiver.take();
+    db.reset_statements().await?;
+    let meter = Meter::start(postmaster, Some(&fleet));
+
+    let mut producers = Vec::new();
+    for n in 0..paced.producers {
+        let client = hookfleet_core::db::connect(&db.url, "bench-producer").await?;
+        let producer = Producer {
+            client,
+            load: paced.load,
+            webhook_id: db.webhook_ids[0],
+            rate: paced.rate / f64::from(paced.producers),
+            duration: paced.duration,
+            tick: env.tick,
+            first_seq: i64::from(n) * 1_000_000_000,
+        };
+        producers.push(tokio::spawn(producer.run()));
+    }
+    let start = Instant::now();
+    let mut inserted = 0u64;
+    let mut units = 0u64;
+    let mut producer_seconds: f64 = paced.duration.as_secs_f64();
+    for producer in producers {
+        let done = producer.await.context("producer task")??;
+        inserted += done.deliveries;
+        units += done.units;
+        producer_seconds = producer_seconds.max(done.seconds);
+    }
+    let produced_at = Instant::now();
+    run.rows = inserted;
+    run.achieved_rate = Some(units as f64 * per_event as f64 / producer_seconds);
+    let deadline = produced_at + env.settle_timeout;
+    let arrived = wait_for_arrivals(env, &mut fleet, inserted, deadline).await?;
+    let settled = wait_for_settled(&db, deadline).await?;
+    meter.finish(Some(&fleet), inserted, &mut run);
+    fleet.stop();
+    run.latency_split_ms = db.latency_split().await?;
+    let arrivals = env.receiver.take();
+    let summary = receiver::summarize(&arrivals);
+    apply_summary(&mut run, &summary);
+    run.settled_seconds = settled.map(|at| (at - produced_at).as_secs_f64());
+    run.complete = arrived && settled.is_some();
+    run.note = format!(
+        "producer ran {:.1} s ({} connection{}); settled {} after it stopped",
+        (produced_at - start).as_secs_f64(),
+        paced.producers,
+        if paced.producers == 1 { "" } else { "s" },
+        run.settled_seconds.map_or_else(|| format!("not within {:?}", env.settle_timeout), |s| format!("{s:.2} s")),
+    );
+    if !run.complete {
+        run.note += "; latency percentiles cover only the deliveries that arrived";
+    }
+    close(env, db, &mut run).await?;
+    Ok(run)
+}
+
+struct Producer {
+    client: Client,
+    load: Load,
+    webhook_id: i64,
+    /// Units (rows, or events for fanout) per second for this producer.
+    rate: f64,
+    duration: Duration,
+    tick: Duration,
+    first_seq: i64,
+}
+
+struct Produced {
+    /// Rows inserted into the queue (fanout: events × subscribed webhooks).
+    deliveries: u64,
+    /// Rows or events the producer issued.
+    units: u64,
+    seconds: f64,
+}
+
+impl Producer {
+    /// Open loop: at every tick, issue whatever the offered rate makes due by now (so a slow
+    /// statement is caught up on at the next tick rather than silently lowering the rate).
+    async fn run(mut self) -> anyhow::Result<Produced> {
+        let steady = self
+            .client
+            .prepare(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                 SELECT $1, jsonb_build_object('sent_at_us', $2::bigint, 'seq', s, 'pad', repeat('x', $5::int)) \
+                 FROM generate_series($3::bigint, $4::bigint) s",
+            )
+            .await?;
+        let single = self
+            .client
+            .prepare(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                 VALUES ($1, jsonb_build_object('sent_at_us', $2::bigint, 'seq', $3::bigint, 'pad', repeat('x', $4::int)))",
+            )
+            .await?;
+        let publish = self
+            .client
+            .prepare(&format!(
+                "SELECT COALESCE(sum(hookfleet.publish('{FANOUT_EVENT}', \
+                 jsonb_build_object('sent_at_us', $1::bigint, 'seq', s, 'pad', repeat('x', $4::int)))), 0)::bigint \
+                 FROM generate_series($2::bigint, $3::bigint) s"
+            ))
+            .await?;
+        let pad = PAD as i32;
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let start = Instant::now();
+        let (mut units, mut deliveries) = (0u64, 0u64);
+        let mut seq = self.first_seq;
+        loop {
+            ticker.tick().await;
+            let elapsed = start.elapsed().min(self.duration);
+            let due = ((self.rate * elapsed.as_secs_f64()) as u64).saturating_sub(units);
+            match self.load {
+                Load::Steady if due > 0 => {
+                    let (first, last) = (seq + 1, seq + due as i64);
+                    self.client.execute(&steady, &[&self.webhook_id, &receiver::now_us(), &first, &last, &pad]).await?;
+                    seq = last;
+                    units += due;
+                    deliveries += due;
+                }
+                Load::Outbox => {
+                    for _ in 0..due / OUTBOX_TRANSACTION_ROWS {
+                        // A producer that fell behind stops at the end of its time, not once it
+                        // caught up: what it achieved is the figure.
+                        if start.elapsed() >= self.duration {
+                            break;
+                        }
+                        let transaction = self.client.transaction().await?;
+                        for _ in 0..OUTBOX_TRANSACTION_ROWS {
+                            seq += 1;
+                            transaction.execute(&single, &[&self.webhook_id, &receiver::now_us(), &seq, &pad]).await?;
+                        }
+                        transaction.commit().await?;
+                        units += OUTBOX_TRANSACTION_ROWS;
+                        deliveries += OUTBOX_TRANSACTION_ROWS;
+                    }
+                }
+                Load::Fanout if due > 0 => {
+                    let (first, last) = (seq + 1, seq + due as i64);
+                    let rows: i64 =
+                        self.client.query_one(&publish, &[&receiver::now_us(), &first, &last, &pad]).await?.get(0);
+                    seq = last;
+                    units += due;
+                    deliveries += rows.max(0) as u64;
+                }
+                _ => {}
+            }
+            if start.elapsed() >= self.duration {
+                break;
+            }
+        }
+        Ok(Produced { deliveries, units, seconds: start.elapsed().as_secs_f64() })
+    }
+}
+
+/// The claim → complete statement pgbench runs: claim 100 due rows in the fleet's order with
+/// SKIP LOCKED and mark them delivered, in one statement.
+const CEILING_SQL: &str = "WITH c AS (SELECT delivery_id FROM hookfleet.delivery_queue \
+WHERE delivery_status = 'pending' AND next_attempt_at <= now() \
+ORDER BY priority DESC, next_attempt_at, delivery_id LIMIT 100 FOR UPDATE SKIP LOCKED) \
+UPDATE hookfleet.delivery_queue q SET delivery_status = 'delivered', delivered_at = now() \
+FROM c WHERE q.delivery_id = c.delivery_id;\n";
+const CEILING_CLIENTS: u32 = 3;
+const CEILING_CLAIM: u32 = 100;
+
+/// **ceiling**: PostgreSQL's own claim→complete rate for this schema on this machine, measured by
+/// pgbench (`-c 3 -j 2`, `-t` bounded so the clients never run out of rows) against a queue
+/// pre-filled like the drain's; rows/s = tps × 100.
+pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
+    let pgbench = env.server.bindir().join("pgbench");
+    if !pgbench.exists() {
+        bail!(
+            "{} not found: install the PostgreSQL server package (apt-get install postgresql postgresql-contrib)",
+            pgbench.display()
+        );
+    }
+    let db = db::create(env.url(), "bench_ceiling", env.receiver_addr, 1, &[], env.statements).await?;
+    db.prefill(rows).await?;
+    let transactions = (rows / CEILING_CLAIM / CEILING_CLIENTS).max(1);
+    let mut run = Run {
+        scenario: "ceiling".into(),
+        label: "ceiling (pgbench claim 100 + mark delivered)".into(),
+        workers: 0,
+        rows: u64::from(transactions * CEILING_CLAIM * CEILING_CLIENTS),
+        queue_before: Some(db.queue_size().await?),
+        ..Run::default()
+    };
+    let dir = std::env::temp_dir().join(format!("hookfleet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("claim_complete.sql");
+    std::fs::write(&script, CEILING_SQL)?;
+
+    let postmaster = db.postmaster_pid().await?;
+    db.reset_statements().await?;
+    let meter = Meter::start(postmaster, None);
+    let mut command = Command::new(&pgbench);
+    command
+        .arg("-h")
+        .arg(env.server.socket_dir())
+        .arg("-p")
+        .arg(env.server.port().to_string())
+        .args(["-U", "postgres", "-n", "-c", &CEILING_CLIENTS.to_string(), "-j", "2", "-t", &transactions.to_string()])
+        .arg("-f")
+        .arg(&script)
+        .arg(&db.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let timeout = env.timeout;
+    let (elapsed, output) = tokio::task::spawn_blocking(move || run_bounded(command, timeout)).await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    let delivered = db.delivered().await?;
+    meter.finish(None, delivered.max(0) as u64, &mut run);
+    run.delivered = delivered.max(0) as u64;
+    run.seconds = elapsed.as_secs_f64();
+    match output {
+        Some(stdout) => {
+            let tps = stdout
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("tps = ")?.split_whitespace().next()?.parse::<f64>().ok())
+                .with_context(|| format!("no `tps = ` in pgbench's output:\n{stdout}"))?;
+            run.tps = Some(tps);
+            run.deliveries_per_second = tps * f64::from(CEILING_CLAIM);
+            run.complete = delivered >= i64::from(transactions * CEILING_CLAIM * CEILING_CLIENTS);
+            run.note = format!(
+                "pgbench -c {CEILING_CLIENTS} -j 2 -t {transactions}: {tps:.1} tps × {CEILING_CLAIM} rows; \
+                 {delivered} rows marked delivered in {:.2} s wall ({:.0} rows/s incl. connecting)",
+                run.seconds,
+                delivered as f64 / run.seconds.max(1e-9)
+            );
+        }
+        None => {
+            run.deliveries_per_second = delivered as f64 / run.seconds.max(1e-9);
+            run.note = format!("pgbench killed after {timeout:?}; rows/s from the rows it marked delivered");
+        }
+    }
+    close(env, db, &mut run).await?;
+    Ok(run)
+}
+
+/// Runs `command` to completion, or kills it after `limit` (then `None`). Blocking.
+fn run_bounded(mut command: Command, limit: Duration) -> anyhow::Result<(Duration, Option<String>)> {
+    let start = Instant::now();
+    let mut child = command.spawn().context("start pgbench")?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let elapsed = start.elapsed();
+            let output = child.wait_with_output()?;
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            if !status.success() {
+                bail!("pgbench failed ({status}): {}{}", stdout, String::from_utf8_lossy(&output.stderr));
+            }
+            return Ok((elapsed, Some(stdout)));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok((start.elapsed(), None));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
