@@ -209,7 +209,11 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
         "    INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ({}, '{{\"type\":\"test\"}}');",
         webhook_ids[0]
     );
-    println!("  hookfleet status --database-url '{database_url}'");
+    // Only the throwaway server's address is printed: a configured DATABASE_URL may hold a password.
+    match &server {
+        Some(_) => println!("  hookfleet status --database-url '{database_url}'"),
+        None => println!("  hookfleet status    # with DATABASE_URL set"),
+    }
     for (n, addr) in metrics_addrs.iter().enumerate() {
         println!("  curl http://{addr}/metrics    # demo-worker-{}", n + 1);
     }
