@@ -285,39 +285,10 @@ async fn breaker_times(client: &Client, webhook_id: i64) -> (Option<f64>, Option
     (row.get(0), row.get(1))
 }
 
-/// A connection string for another database on the same server.
-fn url_for_database(url: &str, dbname: &str) -> String {
-    if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
-        let (location, query) = rest.split_once('?').map_or((rest, None), |(l, q)| (l, Some(q)));
-        let authority = location.split('/').next().unwrap_or(location);
-        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-        format!("postgresql://{authority}/{dbname}{query}")
-    } else {
-        url.split_whitespace()
-            .map(|pair| if pair.starts_with("dbname=") { format!("dbname={dbname}") } else { pair.to_owned() })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
-}
-
-/// Creates an empty database next to `db`; returns its name and connection string.
-async fn empty_database(db: &TestDatabase, suffix: &str) -> (String, String) {
-    let admin = connect(&url_for_database(&db.url, "postgres")).await;
-    let name = format!("{}_{suffix}", db.name);
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-    let url = url_for_database(&db.url, &name);
-    (name, url)
-}
-
-async fn drop_database(db: &TestDatabase, name: &str) {
-    let admin = connect(&url_for_database(&db.url, "postgres")).await;
-    admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.expect("drop database");
 }
 
 /// The objects of schema `hookfleet` (relations with their kind, and function signatures).
@@ -1988,7 +1959,7 @@ async fn v_workers_hides_workers_not_seen_for_over_a_minute() {
 #[tokio::test]
 async fn migrating_twice_applies_nothing_the_second_time() {
     let db = database().await;
-    let (name, url) = empty_database(&db, "twice").await;
+    let url = hookfleet_test_support::empty_database().await.url;
     {
         let mut client = connect(&url).await;
         let first = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("first migrate");
@@ -2000,13 +1971,12 @@ async fn migrating_twice_applies_nothing_the_second_time() {
         assert!(hookfleet_core::db::migrate(&mut cloned, 262_144).await.expect("migrate clone").applied.is_empty());
         assert_eq!(schema_fingerprint(&client).await, schema_fingerprint(&cloned).await);
     }
-    drop_database(&db, &name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema() {
     let db = database().await;
-    let (name, url) = empty_database(&db, "concurrent").await;
+    let url = hookfleet_test_support::empty_database().await.url;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(connect(&url).await);
@@ -2055,7 +2025,6 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
         let template = db.client().await;
         assert_eq!(schema_fingerprint(&client).await, schema_fingerprint(&template).await);
     }
-    drop_database(&db, &name).await;
 }
 
 // ---------------------------------------------------------------------------------------------
