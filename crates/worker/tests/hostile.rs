@@ -25,18 +25,6 @@ async fn webhook(db: &TestDatabase, url: String) -> WebhookView {
     db.create_webhook(NewWebhook { url, enabled: true, ..NewWebhook::default() }).await
 }
 
-async fn insert(client: &tokio_postgres::Client, webhook_id: i64, body: &str) -> i64 {
-    let body: serde_json::Value = serde_json::from_str(body).expect("json");
-    client
-        .query_one(
-            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ($1, $2) RETURNING delivery_id",
-            &[&webhook_id, &body],
-        )
-        .await
-        .expect("insert")
-        .get(0)
-}
-
 /// One row of `delivery_queue` as these tests look at it.
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
@@ -102,10 +90,6 @@ async fn attempts(client: &tokio_postgres::Client, delivery_id: i64) -> Vec<Atte
             duration_ms: row.get(4),
         })
         .collect()
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|error| panic!("{sql}: {error}")).get(0)
 }
 
 /// The peak resident set of a process (`VmHWM` in `/proc/<pid>/status`), in kB.
@@ -457,7 +441,7 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
         WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "1s"), ("HOOKFLEET_MAX_RETRIES", "0")]);
     let client = db.client().await;
     eventually(DEADLINE, "the worker to register", || async {
-        (count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w1'").await == 1).then_some(())
+        (db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w1'").await == 1).then_some(())
     })
     .await;
 
@@ -466,7 +450,7 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
     for case in &cases {
         let mut ids = Vec::new();
         for n in 0..case.rows {
-            ids.push(insert(&client, hooks[case.path], &format!("{{\"case\":\"{}\",\"n\":{n}}}", case.path)).await);
+            ids.push(db.insert_delivery(hooks[case.path], &format!("{{\"case\":\"{}\",\"n\":{n}}}", case.path)).await);
         }
         rows.push((case, ids));
     }
@@ -483,7 +467,7 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
     let mut healthy_ids = Vec::new();
     for n in 0..5 {
         inserted_at.push(Instant::now());
-        healthy_ids.push(insert(&client, healthy_hook.webhook_id, &format!("{{\"healthy\":{n}}}")).await);
+        healthy_ids.push(db.insert_delivery(healthy_hook.webhook_id, &format!("{{\"healthy\":{n}}}")).await);
     }
     let requests = healthy.wait_for(5, DEADLINE).await;
     let all_arrived = held_since.elapsed();
@@ -544,11 +528,8 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
         assert_eq!(hostile.seen(case.path), case.rows, "{}: requests that reached the receiver", case.path);
     }
     assert_eq!(
-        count(
-            &client,
-            "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status IN ('pending', 'in_flight')"
-        )
-        .await,
+        db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status IN ('pending', 'in_flight')")
+            .await,
         0,
         "nothing is left pending or in flight"
     );
@@ -565,7 +546,7 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
     // The worker is still healthy and delivering.
     let (status, _) = eventually(DEADLINE, "/healthz", || worker.get("/healthz")).await;
     assert_eq!(status, 200);
-    let last = insert(&client, healthy_hook.webhook_id, "{\"after\":true}").await;
+    let last = db.insert_delivery(healthy_hook.webhook_id, "{\"after\":true}").await;
     assert_eq!(settled(&client, last).await.status, "delivered");
     let log = worker.log();
     assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
@@ -596,11 +577,11 @@ async fn a_slow_webhook_with_a_backlog_does_not_delay_a_healthy_webhook() {
         .expect("insert the slow webhook's backlog");
     eventually(DEADLINE, "the first slow requests", || async { (hostile.seen("/slow-ok") > 0).then_some(()) }).await;
     let inserted = Instant::now();
-    let healthy_id = insert(&client, healthy_hook.webhook_id, "{}").await;
+    let healthy_id = db.insert_delivery(healthy_hook.webhook_id, "{}").await;
     let requests = healthy.wait_for(1, DEADLINE).await;
     let latency = requests[0].received_at.saturating_duration_since(inserted);
     let slow_done =
-        count(&client, "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await - 1;
+        db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await - 1;
     eprintln!(
         "healthy latency behind a slow webhook's backlog of {BACKLOG}: {latency:?} \
          ({slow_done} of the backlog delivered by then)"
@@ -631,7 +612,7 @@ async fn a_never_answering_receiver_cannot_hold_an_attempt_past_its_lease() {
         &[("HTTP_TIMEOUT", "1s"), ("HOOKFLEET_LEASE", "3s"), ("HOOKFLEET_MAX_RETRIES", "0")],
     );
     let client = db.client().await;
-    let id = insert(&client, hook.webhook_id, "{}").await;
+    let id = db.insert_delivery(hook.webhook_id, "{}").await;
     let row = settled(&client, id).await;
     let attempts = attempts(&client, id).await;
     eprintln!("60 s webhook timeout under a 3 s lease: {attempts:?}");
@@ -655,8 +636,8 @@ async fn a_reset_or_closed_connection_is_retried_then_dead() {
     let _worker =
         WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "1s"), ("HOOKFLEET_MAX_RETRIES", "1")]);
     let client = db.client().await;
-    let reset_id = insert(&client, reset.webhook_id, "{}").await;
-    let close_id = insert(&client, close.webhook_id, "{}").await;
+    let reset_id = db.insert_delivery(reset.webhook_id, "{}").await;
+    let close_id = db.insert_delivery(close.webhook_id, "{}").await;
     for (id, path, class) in [(reset_id, "/reset", "connect"), (close_id, "/close", "protocol")] {
         let row = settled(&client, id).await;
         assert_eq!((row.status.as_str(), row.retry_count, row.locked_by.as_deref()), ("dead", 1, None), "{path}");
@@ -684,12 +665,10 @@ async fn sigterm_finishes_in_flight_attempts_within_the_grace() {
     let client = db.client().await;
     let mut held = Vec::new();
     for n in 0..5 {
-        held.push(insert(&client, hook.webhook_id, &format!("{{\"n\":{n}}}")).await);
+        held.push(db.insert_delivery(hook.webhook_id, &format!("{{\"n\":{n}}}")).await);
     }
     receiver.wait_for(5, DEADLINE).await;
-    let in_flight = count(
-        &client,
-        "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight' AND locked_by = 'w-term'",
+    let in_flight = db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight' AND locked_by = 'w-term'",
     )
     .await;
     assert_eq!(in_flight, 5, "all five rows are claimed and in flight");
@@ -703,7 +682,7 @@ async fn sigterm_finishes_in_flight_attempts_within_the_grace() {
     .await;
     let mut late = Vec::new();
     for n in 0..3 {
-        late.push(insert(&client, hook.webhook_id, &format!("{{\"late\":{n}}}")).await);
+        late.push(db.insert_delivery(hook.webhook_id, &format!("{{\"late\":{n}}}")).await);
     }
     let status = worker.wait(DEADLINE).await;
     let took = signalled.elapsed();
@@ -725,7 +704,7 @@ async fn sigterm_finishes_in_flight_attempts_within_the_grace() {
         assert!(attempts(&client, *id).await.is_empty());
     }
     assert_eq!(receiver.requests().len(), 5, "nothing was sent after the signal");
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-term'").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-term'").await, 0);
     let log = worker.log();
     assert!(!log.contains("abandoning"), "the grace (25 s) did not run out:\n{log}");
 }
@@ -750,7 +729,7 @@ async fn when_the_grace_runs_out_unfinished_rows_are_released() {
     let client = db.client().await;
     let mut ids = Vec::new();
     for n in 0..HELD {
-        ids.push(insert(&client, hook.webhook_id, &format!("{{\"n\":{n}}}")).await);
+        ids.push(db.insert_delivery(hook.webhook_id, &format!("{{\"n\":{n}}}")).await);
     }
     receiver.wait_for(HELD, DEADLINE).await;
 
@@ -770,7 +749,7 @@ async fn when_the_grace_runs_out_unfinished_rows_are_released() {
         );
         assert!(attempts(&client, *id).await.is_empty(), "an abandoned attempt records nothing");
     }
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-first'").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-first'").await, 0);
     assert!(first.log().contains("abandoning"), "the log says the grace ran out:\n{}", first.log());
 
     let _second = WorkerProcess::spawn(worker_binary(), &db, "w-second", &settings);
@@ -803,10 +782,10 @@ async fn a_webhook_deleted_mid_attempt_does_not_break_the_worker() {
     let survivor = webhook(&db, receiver.url("/survivor")).await;
     let worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
     let client = db.client().await;
-    let doomed_row = insert(&client, doomed.webhook_id, "{}").await;
+    let doomed_row = db.insert_delivery(doomed.webhook_id, "{}").await;
     let mut neighbours = Vec::new();
     for n in 0..3 {
-        neighbours.push(insert(&client, survivor.webhook_id, &format!("{{\"neighbour\":{n}}}")).await);
+        neighbours.push(db.insert_delivery(survivor.webhook_id, &format!("{{\"neighbour\":{n}}}")).await);
     }
     receiver.wait_for(4, DEADLINE).await;
     assert_eq!(row(&client, doomed_row).await.status, "in_flight");
@@ -816,8 +795,7 @@ async fn a_webhook_deleted_mid_attempt_does_not_break_the_worker() {
         .expect("delete webhook");
     assert_eq!(deleted, 1);
     assert_eq!(
-        count(&client, &format!("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_id = {doomed_row}"))
-            .await,
+        db.count(&format!("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_id = {doomed_row}")).await,
         0,
         "the row went with its webhook"
     );
@@ -841,10 +819,10 @@ async fn a_webhook_deleted_mid_attempt_does_not_break_the_worker() {
     assert_eq!(recorded.len(), 1, "the HTTP request happened, so its attempt is recorded: {recorded:?}");
     assert_eq!(recorded[0].outcome, "delivered");
     assert_eq!(
-        count(
-            &client,
-            &format!("SELECT count(*) FROM hookfleet.webhook_health_metrics WHERE webhook_id = {}", doomed.webhook_id)
-        )
+        db.count(&format!(
+            "SELECT count(*) FROM hookfleet.webhook_health_metrics WHERE webhook_id = {}",
+            doomed.webhook_id
+        ))
         .await,
         0,
         "no health row is resurrected for the deleted webhook"
@@ -853,7 +831,7 @@ async fn a_webhook_deleted_mid_attempt_does_not_break_the_worker() {
     // Rows inserted afterwards are delivered as usual.
     let mut later = Vec::new();
     for n in 0..5 {
-        later.push(insert(&client, survivor.webhook_id, &format!("{{\"n\":{n}}}")).await);
+        later.push(db.insert_delivery(survivor.webhook_id, &format!("{{\"n\":{n}}}")).await);
     }
     for id in later {
         assert_eq!(settled(&client, id).await.status, "delivered");
@@ -866,7 +844,7 @@ async fn a_webhook_deleted_mid_attempt_does_not_break_the_worker() {
     let log = worker.log();
     assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
     assert!(!log.contains("refuses"), "the database refused a write-back:\n{log}");
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w1'").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w1'").await, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -894,7 +872,7 @@ async fn bad_producer_input_leaves_the_worker_untouched() {
     let hook = webhook(&db, receiver.url("/")).await;
     let worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
     let client = db.client().await;
-    let before = insert(&client, hook.webhook_id, "{\"valid\":\"before\"}").await;
+    let before = db.insert_delivery(hook.webhook_id, "{\"valid\":\"before\"}").await;
     assert_eq!(settled(&client, before).await.status, "delivered");
     let id = hook.webhook_id;
 
@@ -938,15 +916,15 @@ async fn bad_producer_input_leaves_the_worker_untouched() {
     )
     .await;
     assert_eq!(code, "23514");
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.delivery_queue").await, 1, "nothing else changed");
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.delivery_queue").await, 1, "nothing else changed");
 
-    let after = insert(&client, hook.webhook_id, "{\"valid\":\"after\"}").await;
+    let after = db.insert_delivery(hook.webhook_id, "{\"valid\":\"after\"}").await;
     let row = settled(&client, after).await;
     assert_eq!((row.status.as_str(), row.retry_count, row.last_status_code), ("delivered", 0, Some(200)));
     let bodies: Vec<String> =
         receiver.requests().iter().map(|request| String::from_utf8_lossy(&request.body).into_owned()).collect();
     assert_eq!(bodies, [r#"{"valid": "before"}"#, r#"{"valid": "after"}"#]);
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.delivery_attempts").await, 2);
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.delivery_attempts").await, 2);
     let (status, _) = eventually(DEADLINE, "/healthz", || worker.get("/healthz")).await;
     assert_eq!(status, 200);
     assert!(!worker.log().contains("panicked"));
