@@ -92,8 +92,9 @@ const RATE_LIMIT_BURST: SettingDoc = SettingDoc {
     env: "HOOKFLEET_RATE_LIMIT_BURST",
     key: "rate_limit_burst",
     default: "",
-    description: "Default token-bucket burst per webhook (at least 1); unset means \
-                  RATE_LIMIT_RPS rounded up.",
+    description: "Default token-bucket burst per webhook (at least 1); unset means half \
+                  of the webhook's rate, rounded up, which keeps any 10 s window within the \
+                  rate + 10 %.",
 };
 const BREAKER_THRESHOLD: SettingDoc = SettingDoc {
     env: "CIRCUIT_BREAKER_FAILURE_THRESHOLD",
@@ -193,6 +194,14 @@ const MAX_IN_FLIGHT: SettingDoc = SettingDoc {
     default: "64",
     description: "Concurrent delivery attempts per worker (1 to 10000).",
 };
+const MAX_IN_FLIGHT_PER_WEBHOOK: SettingDoc = SettingDoc {
+    env: "HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK",
+    key: "max_in_flight_per_webhook",
+    default: "",
+    description: "Most of one worker's attempts that a single webhook may hold (1 to 10000), so a \
+                  slow webhook cannot take every slot; unset means half of \
+                  HOOKFLEET_MAX_IN_FLIGHT, rounded up.",
+};
 const SHUTDOWN_GRACE: SettingDoc = SettingDoc {
     env: "HOOKFLEET_SHUTDOWN_GRACE",
     key: "shutdown_grace",
@@ -248,7 +257,7 @@ const DB_POOL_SIZE: SettingDoc = SettingDoc {
 
 /// Every setting, in the order the docs list them. The loader can only see environment
 /// variables and file keys listed here (see [`Config::from_env_map`]).
-static SETTINGS: [SettingDoc; 31] = [
+static SETTINGS: [SettingDoc; 32] = [
     CONFIG_FILE,
     DATABASE_URL,
     BATCH_SIZE,
@@ -272,6 +281,7 @@ static SETTINGS: [SettingDoc; 31] = [
     ENCRYPTION_KEY,
     PREVIOUS_ENCRYPTION_KEYS,
     MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_PER_WEBHOOK,
     SHUTDOWN_GRACE,
     ALLOW_HTTP,
     ALLOWED_CIDRS,
@@ -304,7 +314,7 @@ pub struct Config {
     /// a webhook may override the total timeout.
     pub connect_timeout: Duration,
     pub rate_limit_rps: f64,
-    /// `None` means "`rate_limit_rps` rounded up".
+    /// `None` means "half of the webhook's rate, rounded up".
     pub rate_limit_burst: Option<u32>,
     pub circuit_breaker_failure_threshold: u32,
     pub circuit_breaker_timeout: Duration,
@@ -323,6 +333,8 @@ pub struct Config {
     pub encryption_key: Option<SecretString>,
     pub previous_encryption_keys: Vec<SecretString>,
     pub max_in_flight: u32,
+    /// Resolved: the setting, else half of `max_in_flight` rounded up; never above `max_in_flight`.
+    pub max_in_flight_per_webhook: u32,
     pub shutdown_grace: Duration,
     pub allow_http: bool,
     pub allowed_cidrs: Vec<IpNet>,
@@ -430,6 +442,7 @@ impl Config {
                 ),
             ));
         }
+        let max_in_flight = reader.value(&MAX_IN_FLIGHT, |text| whole_number(text, 1, 10_000))?;
         let heartbeat_interval =
             reader.value(&HEARTBEAT_INTERVAL, |text| duration_within(text, Minimum::AboveZero, None))?;
         if heartbeat_interval >= lease {
@@ -484,7 +497,11 @@ impl Config {
             api_addr: reader.value(&API_ADDR, socket_address)?,
             encryption_key: reader.secret(&ENCRYPTION_KEY)?,
             previous_encryption_keys: reader.list(&PREVIOUS_ENCRYPTION_KEYS, |entry| Ok(SecretString::from(entry)))?,
-            max_in_flight: reader.value(&MAX_IN_FLIGHT, |text| whole_number(text, 1, 10_000))?,
+            max_in_flight,
+            max_in_flight_per_webhook: reader
+                .optional(&MAX_IN_FLIGHT_PER_WEBHOOK, |text| whole_number(text, 1, 10_000))?
+                .unwrap_or(max_in_flight.div_ceil(2))
+                .min(max_in_flight),
             shutdown_grace: reader.value(&SHUTDOWN_GRACE, |text| duration_within(text, Minimum::Zero, None))?,
             allow_http: reader.value(&ALLOW_HTTP, boolean)?,
             allowed_cidrs: reader.list(&ALLOWED_CIDRS, network)?,
@@ -850,6 +867,7 @@ mod tests {
         assert!(config.encryption_key.is_none());
         assert!(config.previous_encryption_keys.is_empty());
         assert_eq!(config.max_in_flight, 64);
+        assert_eq!(config.max_in_flight_per_webhook, 32);
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
         assert!(!config.allow_http);
         assert!(config.allowed_cidrs.is_empty());
@@ -884,6 +902,7 @@ mod tests {
         ("HOOKFLEET_ENCRYPTION_KEY", "current-key"),
         ("HOOKFLEET_PREVIOUS_ENCRYPTION_KEYS", "old-1, old-2,"),
         ("HOOKFLEET_MAX_IN_FLIGHT", "10000"),
+        ("HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK", "300"),
         ("HOOKFLEET_SHUTDOWN_GRACE", "1m 30s"),
         ("HOOKFLEET_ALLOW_HTTP", "yes"),
         ("HOOKFLEET_ALLOWED_CIDRS", "127.0.0.0/8, ::1/128,10.1.2.3"),
@@ -921,6 +940,7 @@ mod tests {
         let previous: Vec<&str> = config.previous_encryption_keys.iter().map(|key| key.expose_secret()).collect();
         assert_eq!(previous, ["old-1", "old-2"]);
         assert_eq!(config.max_in_flight, 10_000);
+        assert_eq!(config.max_in_flight_per_webhook, 300);
         assert_eq!(config.shutdown_grace, Duration::from_secs(90));
         assert!(config.allow_http);
         let cidrs: Vec<String> = config.allowed_cidrs.iter().map(ToString::to_string).collect();
@@ -1064,6 +1084,7 @@ mod tests {
             ("HOOKFLEET_MAX_BODY_BYTES", "67108865"),
             ("HOOKFLEET_MAX_RETRIES", "101"),
             ("HOOKFLEET_MAX_IN_FLIGHT", "10001"),
+            ("HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK", "0"),
             ("HOOKFLEET_RESPONSE_BODY_CAP", "16777217"),
             ("HOOKFLEET_DB_POOL_SIZE", "257"),
             ("RATE_LIMIT_RPS", "0"),

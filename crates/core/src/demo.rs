@@ -111,14 +111,16 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
     demo_config.allowed_cidrs = vec!["127.0.0.0/8".parse().map_err(fail("cidr"))?];
     let http = DeliveryClient::new(crate::worker::client_options(&demo_config)).map_err(fail("http client"))?;
     let mut webhook_ids = Vec::new();
-    // The flaky one gets a retry budget that outlasts its 20 % failure rate.
-    for (name, path, max_retries) in [("orders", "/orders", None), ("flaky", "/flaky", Some(10))] {
+    // The flaky one gets a retry budget that outlasts its 20 % failure rate. Each has its own
+    // fleet-wide rate limit (the default, RATE_LIMIT_RPS, is 10/s).
+    for (name, path, max_retries, rate) in [("orders", "/orders", None, 1000.0), ("flaky", "/flaky", Some(10), 200.0)] {
         let webhook = store
             .create(
                 NewWebhook {
                     name: Some(name.into()),
                     url: format!("http://{receiver_addr}{path}"),
                     max_retries,
+                    rate_limit_rps: Some(rate),
                     enabled: true,
                     ..NewWebhook::default()
                 },
@@ -128,7 +130,7 @@ pub async fn run(config: Config, options: DemoOptions, shutdown: CancellationTok
             .map_err(fail("create webhook"))?;
         let secret = SigningSecret::parse(webhook.secret.as_deref().unwrap_or_default()).map_err(fail("secret"))?;
         stats.secrets.lock().map_err(fail("lock"))?.push((path.to_owned(), secret));
-        println!("webhook {} ({name}) → http://{receiver_addr}{path}", webhook.webhook_id);
+        println!("webhook {} ({name}, at most {rate}/s) → http://{receiver_addr}{path}", webhook.webhook_id);
         webhook_ids.push(webhook.webhook_id);
     }
 

@@ -65,7 +65,10 @@ impl Metrics {
             &["webhook_id"],
         )?;
         let rate_limited_total = IntCounterVec::new(
-            Opts::new("webhook_rate_limited_total", "Deliveries held back by the webhook's rate limit"),
+            Opts::new(
+                "webhook_rate_limited_total",
+                "Claims that held a webhook's due deliveries back because its fleet-wide rate limit was spent",
+            ),
             &["webhook_id"],
         )?;
         let circuit_state = IntGaugeVec::new(

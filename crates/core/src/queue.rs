@@ -40,6 +40,36 @@ pub struct ClaimedDelivery {
     pub locked_until: SystemTime,
 }
 
+/// What this worker passes to the claim besides the batch size: the fleet's rate-limit defaults
+/// for webhooks that set none, and its own per-webhook cap.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimLimits {
+    /// `RATE_LIMIT_RPS`; `None` leaves webhooks without their own limit unlimited.
+    pub default_rate_limit_rps: Option<f64>,
+    /// `HOOKFLEET_RATE_LIMIT_BURST`; `None` means half of each webhook's rate, rounded up.
+    pub default_rate_limit_burst: Option<u32>,
+    /// At most this many of this worker's attempts per webhook (`None`: no cap).
+    pub webhook_slots: Option<u32>,
+    /// This worker's attempts per webhook that still hold their row (started, not yet written back).
+    pub busy: Vec<(i64, u32)>,
+}
+
+/// What one claim returned.
+#[derive(Debug, Clone, Default)]
+pub struct Claim {
+    pub deliveries: Vec<ClaimedDelivery>,
+    /// Webhooks whose due deliveries the rate limit held back in this claim, and when each one's
+    /// next token is due.
+    pub rate_limited: Vec<(i64, Option<SystemTime>)>,
+    /// Webhooks with due deliveries held back because they are at `max_in_flight` or at this
+    /// worker's per-webhook cap: a finished attempt may let them go.
+    pub held_for_capacity: Vec<i64>,
+    /// Webhooks skipped because another claim was deciding for them at the same moment.
+    pub contended: Vec<i64>,
+    /// Webhooks whose half-open probe this claim took (one delivery each).
+    pub probes: Vec<i64>,
+}
+
 /// How an attempt settles its row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -112,33 +142,67 @@ impl Queue {
         &self.pool
     }
 
-    /// Claims up to `batch_size` due rows through `hookfleet.get_ready_deliveries`.
+    /// Claims up to `batch_size` due rows through `hookfleet.claim_deliveries`, within the fleet's
+    /// flow control: rate limits, `max_in_flight`, one half-open probe, and `limits`' per-webhook
+    /// cap for this worker.
     pub async fn claim(
         &self,
         worker_id: &str,
         batch_size: u32,
         lease: Duration,
-    ) -> Result<Vec<ClaimedDelivery>, DbError> {
+        limits: &ClaimLimits,
+    ) -> Result<Claim, DbError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(CLAIM).await?;
         let batch_size = i32::try_from(batch_size).unwrap_or(i32::MAX);
-        let rows = client.query(&statement, &[&worker_id, &batch_size, &lease.as_secs_f64()]).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ClaimedDelivery {
-                    delivery_id: row.try_get(0)?,
-                    webhook_id: row.try_get(1)?,
-                    webhook_version: row.try_get(2)?,
-                    message_id: row.try_get(3)?,
-                    event_type: row.try_get(4)?,
-                    body: row.try_get(5)?,
-                    retry_count: non_negative(row.try_get::<_, i32>(6)?),
-                    max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
-                    created_at: row.try_get(8)?,
-                    locked_until: row.try_get(9)?,
-                })
-            })
-            .collect()
+        let burst = limits.default_rate_limit_burst.map(saturating_i32);
+        let webhook_slots = limits.webhook_slots.map(saturating_i32);
+        let (busy_ids, busy_counts): (Vec<i64>, Vec<i32>) =
+            limits.busy.iter().map(|(webhook_id, busy)| (*webhook_id, saturating_i32(*busy))).unzip();
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &worker_id,
+                    &batch_size,
+                    &lease.as_secs_f64(),
+                    &limits.default_rate_limit_rps,
+                    &burst,
+                    &webhook_slots,
+                    &busy_ids,
+                    &busy_counts,
+                ],
+            )
+            .await?;
+        let mut claim = Claim { deliveries: Vec::with_capacity(rows.len()), ..Claim::default() };
+        for row in &rows {
+            let Some(delivery_id) = row.try_get::<_, Option<i64>>(0)? else {
+                let webhook_id = row.try_get(1)?;
+                match row.try_get::<_, Option<&str>>(11)? {
+                    Some("rate_limit") => claim.rate_limited.push((webhook_id, row.try_get(9)?)),
+                    Some("contended") => claim.contended.push(webhook_id),
+                    _ => claim.held_for_capacity.push(webhook_id),
+                }
+                continue;
+            };
+            let delivery = ClaimedDelivery {
+                delivery_id,
+                webhook_id: row.try_get(1)?,
+                webhook_version: row.try_get(2)?,
+                message_id: row.try_get(3)?,
+                event_type: row.try_get(4)?,
+                body: row.try_get(5)?,
+                retry_count: non_negative(row.try_get::<_, i32>(6)?),
+                max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
+                created_at: row.try_get(8)?,
+                locked_until: row.try_get(9)?,
+            };
+            if row.try_get::<_, bool>(10)? {
+                claim.probes.push(delivery.webhook_id);
+            }
+            claim.deliveries.push(delivery);
+        }
+        Ok(claim)
     }
 
     /// Writes a batch of attempts back in one statement (see `complete_many.sql`).

@@ -412,6 +412,8 @@ pub fn test_worker_env(db: &TestDatabase, worker_id: &str, metrics_addr: SocketA
         ("HTTP_TIMEOUT".to_owned(), "2s".to_owned()),
         ("HOOKFLEET_LEASE".to_owned(), "10s".to_owned()),
         ("LOG_LEVEL".to_owned(), "info".to_owned()),
+        // Tests that are not about rate limits must not wait for the default 10/s.
+        ("RATE_LIMIT_RPS".to_owned(), "100000".to_owned()),
     ]);
     env
 }

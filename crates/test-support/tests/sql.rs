@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hookfleet_core::queue::{AttemptRecord, BreakerSettings, ClaimedDelivery, Outcome, Queue, WorkerIdentity};
+use hookfleet_core::queue::{
+    AttemptRecord, BreakerSettings, ClaimLimits, ClaimedDelivery, Outcome, Queue, WorkerIdentity,
+};
 use hookfleet_core::webhooks::NewWebhook;
 use hookfleet_test_support::{database, TestDatabase};
 use serde_json::json;
@@ -863,8 +865,6 @@ async fn claim_resumes_once_circuit_open_until_has_passed() {
 }
 
 #[tokio::test]
-#[ignore = "bug: get_ready_deliveries admits every due row of a webhook once circuit_open_until has passed, \
-            not one half-open probe (SPEC §6)"]
 async fn after_the_open_period_only_one_probe_is_claimed() {
     let db = database().await;
     let client = db.client().await;
@@ -885,7 +885,6 @@ async fn after_the_open_period_only_one_probe_is_claimed() {
 }
 
 #[tokio::test]
-#[ignore = "bug: get_ready_deliveries ignores webhooks.max_in_flight (SPEC §2 says it skips webhooks at max_in_flight)"]
 async fn claim_stops_at_a_webhooks_max_in_flight() {
     let db = database().await;
     let client = db.client().await;
@@ -893,6 +892,275 @@ async fn claim_stops_at_a_webhooks_max_in_flight() {
     let rows = insert_many(&client, hook, 5).await;
     assert_eq!(sorted(claim(&client, "w1", 10).await), rows[..2]);
     assert!(claim(&client, "w2", 10).await.is_empty(), "the webhook is at max_in_flight");
+}
+
+/// What `claim_deliveries` answered: claimed ids (in order) and the held-back reports.
+#[derive(Debug, Default)]
+struct FlowClaim {
+    claimed: Vec<i64>,
+    probes: Vec<i64>,
+    held: Vec<(i64, String)>,
+    /// For `rate_limit` holds: seconds until the next token.
+    token_in: Vec<f64>,
+}
+
+/// The workers' claim with flow-control inputs: default rate and burst, per-worker cap, busy counts.
+async fn flow_claim(
+    client: &Client,
+    worker: &str,
+    n: i32,
+    rate: (Option<f64>, Option<i32>),
+    slots: Option<i32>,
+    busy: &[(i64, i32)],
+) -> FlowClaim {
+    let (busy_ids, busy_counts): (Vec<i64>, Vec<i32>) = busy.iter().copied().unzip();
+    let rows = client
+        .query(
+            "SELECT delivery_id, webhook_id, probe, held_back, extract(epoch FROM locked_until - now())::float8 \
+             FROM hookfleet.claim_deliveries($1, $2, interval '60 seconds', $3, $4, $5, $6, $7)",
+            &[&worker, &n, &rate.0, &rate.1, &slots, &busy_ids, &busy_counts],
+        )
+        .await
+        .expect("claim_deliveries");
+    let mut claim = FlowClaim::default();
+    for row in rows {
+        match row.get::<_, Option<i64>>(0) {
+            Some(id) => {
+                claim.claimed.push(id);
+                if row.get::<_, bool>(2) {
+                    claim.probes.push(row.get(1));
+                }
+            }
+            None => {
+                let reason: String = row.get(3);
+                if reason == "rate_limit" {
+                    claim.token_in.push(row.get(4));
+                }
+                claim.held.push((row.get(1), reason));
+            }
+        }
+    }
+    claim
+}
+
+/// Moves a webhook's token bucket `seconds` into the past, as if that much time had gone by.
+async fn age_bucket(client: &Client, webhook_id: i64, seconds: f64) {
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_rate_limits SET tat = tat - $2 WHERE webhook_id = $1",
+            &[&webhook_id, &seconds],
+        )
+        .await
+        .expect("age the bucket");
+}
+
+#[tokio::test]
+async fn the_rate_limit_admits_the_burst_then_one_row_per_token_whichever_worker_claims() {
+    // Slow enough that no token comes due while the test runs, unless the test says so.
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook_with(&db, NewWebhook { rate_limit_rps: Some(0.1), rate_limit_burst: Some(3), ..spec() }).await;
+    let rows = insert_many(&client, hook, 10).await;
+
+    let first = flow_claim(&client, "w1", 10, (None, None), None, &[]).await;
+    assert_eq!(first.claimed, rows[..3], "a full bucket admits the burst, in order");
+    let second = flow_claim(&client, "w2", 10, (None, None), None, &[]).await;
+    assert!(second.claimed.is_empty(), "the bucket is shared by every worker");
+    assert_eq!(second.held, [(hook, "rate_limit".to_owned())]);
+    let wait = second.token_in[0];
+    assert!((9.0..=10.0).contains(&wait), "the next token is due in about 10 s, not {wait}");
+
+    age_bucket(&client, hook, 20.0).await;
+    let third = flow_claim(&client, "w3", 10, (None, None), None, &[]).await;
+    assert_eq!(third.claimed, rows[3..5], "twenty seconds at 0.1/s is two tokens");
+    // Held-back rows were not touched: pending, no retry used.
+    let untouched = db
+        .count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'pending' AND retry_count = 0")
+        .await;
+    assert_eq!(untouched, 5);
+}
+
+#[tokio::test]
+async fn the_default_rate_applies_to_webhooks_without_their_own_and_unused_tokens_stay() {
+    let db = database().await;
+    let client = db.client().await;
+    let default_limited = webhook(&db).await;
+    let own = webhook_with(&db, NewWebhook { rate_limit_rps: Some(0.1), rate_limit_burst: Some(4), ..spec() }).await;
+    let defaults = insert_many(&client, default_limited, 5).await;
+    let owns = insert_many(&client, own, 5).await;
+
+    let claim = flow_claim(&client, "w1", 20, (Some(0.1), Some(2)), None, &[]).await;
+    assert_eq!(sorted(claim.claimed), [&defaults[..2], &owns[..4]].concat());
+    assert_eq!(claim.held, []);
+
+    // A claim spends only the tokens of the rows it took.
+    let quiet = webhook_with(&db, NewWebhook { rate_limit_rps: Some(0.1), rate_limit_burst: Some(5), ..spec() }).await;
+    let one = insert_many(&client, quiet, 1).await;
+    assert_eq!(flow_claim(&client, "w1", 20, (Some(0.1), Some(2)), None, &[]).await.claimed, one);
+    let more = insert_many(&client, quiet, 6).await;
+    let next = flow_claim(&client, "w1", 20, (Some(0.1), Some(2)), None, &[]).await;
+    assert_eq!(next.claimed, more[..4], "five tokens, one spent");
+}
+
+#[tokio::test]
+async fn a_worker_takes_at_most_its_per_webhook_cap_and_reports_the_rest_as_busy() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let other = webhook(&db).await;
+    let rows = insert_many(&client, hook, 6).await;
+    let other_rows = insert_many(&client, other, 1).await;
+
+    let claim = flow_claim(&client, "w1", 10, (None, None), Some(3), &[(hook, 1)]).await;
+    assert_eq!(sorted(claim.claimed), [&rows[..2], &other_rows[..]].concat(), "3 slots, 1 already busy");
+    let claim = flow_claim(&client, "w1", 10, (None, None), Some(3), &[(hook, 3)]).await;
+    assert!(claim.claimed.is_empty());
+    assert_eq!(claim.held, [(hook, "busy".to_owned())]);
+    // Another worker has its own room.
+    assert_eq!(flow_claim(&client, "w2", 10, (None, None), Some(3), &[]).await.claimed, rows[2..5]);
+}
+
+#[tokio::test]
+async fn a_batch_is_shared_between_webhooks_before_one_takes_the_rest() {
+    let db = database().await;
+    let client = db.client().await;
+    let a = webhook(&db).await;
+    let b = webhook(&db).await;
+    let c = webhook(&db).await;
+    let a_rows = insert_many(&client, a, 20).await;
+    let b_rows = insert_many(&client, b, 20).await;
+    let c_rows = insert_many(&client, c, 2).await;
+
+    let claim = sorted(claim(&client, "w1", 12).await);
+    // Equal shares of 4 first; c has only 2, and its unused share goes round again to a.
+    assert_eq!(claim, [&a_rows[..6], &b_rows[..4], &c_rows[..]].concat());
+}
+
+#[tokio::test]
+async fn the_probe_closes_the_circuit_on_success_and_reopens_it_on_failure() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let rows = insert_many(&client, hook, 4).await;
+    let open_once = || async {
+        client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("fail");
+        client
+            .execute(
+                "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
+                 WHERE webhook_id = $1",
+                &[&hook],
+            )
+            .await
+            .expect("let the open period pass");
+    };
+    let circuit = || async {
+        let row = client
+            .query_one(
+                "SELECT circuit_state, health_status, circuit_open_until > now(), circuit_probe_until IS NOT NULL \
+                 FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+                &[&hook],
+            )
+            .await
+            .expect("health row");
+        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, Option<bool>>(2), row.get::<_, bool>(3))
+    };
+
+    open_once().await;
+    let probe = flow_claim(&client, "w1", 10, (None, None), None, &[]).await;
+    assert_eq!((probe.claimed.clone(), probe.probes), (rows[..1].to_vec(), vec![hook]));
+    assert_eq!(circuit().await, ("half_open".to_owned(), "unavailable".to_owned(), Some(false), true));
+    let dashboard: String = client
+        .query_one("SELECT circuit_state FROM hookfleet.v_degraded_webhooks WHERE webhook_id = $1", &[&hook])
+        .await
+        .expect("listed as degraded")
+        .get(0);
+    assert_eq!(dashboard, "half_open");
+
+    // The probe fails: open again, for a new period, and no claim until it passes.
+    client.execute("SELECT hookfleet.update_webhook_health($1, 503, 1, 'down', 1, 60)", &[&hook]).await.expect("fail");
+    assert_eq!(circuit().await, ("open".to_owned(), "unavailable".to_owned(), Some(true), false));
+    assert!(claim(&client, "w2", 10).await.is_empty(), "re-opened: nothing is claimed");
+
+    // The next probe succeeds: closed, and the rows flow again.
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
+             WHERE webhook_id = $1",
+            &[&hook],
+        )
+        .await
+        .expect("let the open period pass");
+    assert_eq!(claim(&client, "w2", 10).await, rows[1..2], "the second probe");
+    client.execute("SELECT hookfleet.update_webhook_health($1, 200, 1, NULL, 1, 60)", &[&hook]).await.expect("succeed");
+    assert_eq!(circuit().await.0, "closed");
+    assert_eq!(sorted(claim(&client, "w3", 10).await), rows[2..]);
+}
+
+#[tokio::test]
+async fn a_lost_probe_is_replaced_after_its_lease() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let rows = insert_many(&client, hook, 3).await;
+    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
+             WHERE webhook_id = $1",
+            &[&hook],
+        )
+        .await
+        .expect("let the open period pass");
+    assert_eq!(claim(&client, "w1", 10).await, rows[..1]);
+    assert!(claim(&client, "w2", 10).await.is_empty());
+    // The probing worker died: its probe's lease runs out.
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_health_metrics SET circuit_probe_until = now() - interval '1 second' \
+             WHERE webhook_id = $1",
+            &[&hook],
+        )
+        .await
+        .expect("let the probe's lease pass");
+    assert_eq!(claim(&client, "w2", 10).await, rows[1..2], "one new probe");
+}
+
+#[tokio::test]
+async fn a_webhook_held_back_costs_other_webhooks_nothing_in_the_claim() {
+    let db = database().await;
+    let client = db.client().await;
+    let open = webhook(&db).await;
+    let limited =
+        webhook_with(&db, NewWebhook { rate_limit_rps: Some(1.0), rate_limit_burst: Some(1), ..spec() }).await;
+    let disabled = webhook_with(&db, NewWebhook { enabled: false, ..spec() }).await;
+    let healthy = webhook(&db).await;
+    for hook in [open, limited, disabled] {
+        insert_many(&client, hook, 20_000).await;
+    }
+    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&open]).await.expect("open");
+    assert_eq!(claim(&client, "w1", 10).await.len(), 1, "the limited webhook's single token");
+    client.execute("ANALYZE hookfleet.delivery_queue", &[]).await.expect("analyze");
+    let row = insert(&client, healthy).await;
+
+    // The claim visits webhooks, not rows: the 60,000 rows held back are never read.
+    let plan: Vec<String> = client
+        .query(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) SELECT * FROM hookfleet.get_ready_deliveries('w1', 10, interval '1 minute')",
+            &[],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|line| line.get(0))
+        .collect();
+    let buffers: u64 = plan
+        .iter()
+        .find_map(|line| line.trim().strip_prefix("Buffers: shared hit="))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|hits| hits.parse().ok())
+        .unwrap_or_else(|| panic!("no buffer counts in {plan:?}"));
+    assert!(buffers < 2_000, "the claim read {buffers} buffers (the held-back rows fill ~3,000 pages)");
+    assert_eq!(db.delivery(row).await.0, "in_flight", "the healthy webhook's row was claimed");
 }
 
 #[tokio::test]
@@ -972,7 +1240,7 @@ async fn complete_many_settles_delivered_retry_and_dead_and_records_every_attemp
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 4).await;
-    let mut claimed = queue.claim("w1", 10, LEASE).await.expect("claim");
+    let mut claimed = queue.claim("w1", 10, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     claimed.sort_by_key(|c| c.delivery_id);
     assert_eq!(claimed.iter().map(|c| c.delivery_id).collect::<Vec<_>>(), ids);
     let next_attempt_before: Vec<SystemTime> = client
@@ -1083,7 +1351,7 @@ async fn complete_many_does_not_settle_a_row_another_worker_holds_but_records_it
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 2).await;
-    let mut mine = queue.claim("w1", 10, LEASE).await.expect("claim");
+    let mut mine = queue.claim("w1", 10, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     mine.sort_by_key(|c| c.delivery_id);
     // w1's lease on the first row expires; it is rescued and claimed by w2.
     client
@@ -1094,7 +1362,7 @@ async fn complete_many_does_not_settle_a_row_another_worker_holds_but_records_it
         .await
         .expect("expire");
     assert_eq!(queue.rescue_expired(100, 3).await.expect("rescue"), 1);
-    let taken = queue.claim("w2", 10, LEASE).await.expect("claim by w2");
+    let taken = queue.claim("w2", 10, LEASE, &ClaimLimits::default()).await.expect("claim by w2").deliveries;
     assert_eq!(taken.iter().map(|c| c.delivery_id).collect::<Vec<_>>(), [ids[0]]);
     let held_by_w2 = rows_of(&client, &ids[..1]).await;
 
@@ -1130,9 +1398,18 @@ async fn release_returns_only_this_workers_listed_in_flight_rows() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 4).await;
-    let first_two = sorted(queue.claim("w1", 2, LEASE).await.expect("w1").iter().map(|c| c.delivery_id).collect());
+    let first_two = sorted(
+        queue
+            .claim("w1", 2, LEASE, &ClaimLimits::default())
+            .await
+            .expect("w1")
+            .deliveries
+            .iter()
+            .map(|c| c.delivery_id)
+            .collect(),
+    );
     assert_eq!(first_two, ids[..2]);
-    let third = queue.claim("w2", 1, LEASE).await.expect("w2");
+    let third = queue.claim("w2", 1, LEASE, &ClaimLimits::default()).await.expect("w2").deliveries;
     assert_eq!(third[0].delivery_id, ids[2]);
     let before: Vec<(SystemTime, i32)> = client
         .query("SELECT next_attempt_at, retry_count FROM hookfleet.delivery_queue ORDER BY delivery_id", &[])
@@ -1167,10 +1444,10 @@ async fn release_held_returns_every_row_this_worker_holds_and_nothing_else() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 5).await;
-    queue.claim("w1", 3, LEASE).await.expect("w1");
-    let settled = queue.claim("w1", 1, LEASE).await.expect("w1 again");
+    queue.claim("w1", 3, LEASE, &ClaimLimits::default()).await.expect("w1");
+    let settled = queue.claim("w1", 1, LEASE, &ClaimLimits::default()).await.expect("w1 again").deliveries;
     queue.complete_many("w1", &[record(&settled[0], Outcome::Delivered, Some(200))], BREAKER).await.expect("settle");
-    queue.claim("w2", 1, LEASE).await.expect("w2");
+    queue.claim("w2", 1, LEASE, &ClaimLimits::default()).await.expect("w2");
     let others = rows_of(&client, &ids[3..]).await;
     assert_eq!(queue.release_held("w1").await.expect("release_held"), 3);
     assert_eq!(
@@ -1193,7 +1470,7 @@ async fn rescue_expired_returns_only_expired_leases_to_pending() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 4).await;
-    queue.claim("w1", 3, LEASE).await.expect("claim");
+    queue.claim("w1", 3, LEASE, &ClaimLimits::default()).await.expect("claim");
     client
         .execute(
             "UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second' WHERE delivery_id = ANY ($1)",
@@ -1237,7 +1514,7 @@ async fn a_row_whose_last_try_was_lost_to_an_expired_lease_is_dead_with_the_reas
         .await
         .expect("max_retries");
     for expected in ["pending", "dead"] {
-        queue.claim("w1", 1, LEASE).await.expect("claim");
+        queue.claim("w1", 1, LEASE, &ClaimLimits::default()).await.expect("claim");
         client
             .execute("UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second'", &[])
             .await
@@ -1261,14 +1538,14 @@ async fn a_stale_result_never_settles_a_later_claim_of_the_same_row_by_the_same_
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 1).await;
-    let first = queue.claim("w1", 1, LEASE).await.expect("claim");
+    let first = queue.claim("w1", 1, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     // The lease expires mid-attempt; the row is rescued and the same worker claims it again.
     client
         .execute("UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second'", &[])
         .await
         .expect("expire");
     queue.rescue_expired(10, 3).await.expect("rescue");
-    let second = queue.claim("w1", 1, LEASE).await.expect("claim again");
+    let second = queue.claim("w1", 1, LEASE, &ClaimLimits::default()).await.expect("claim again").deliveries;
     assert_eq!(second[0].delivery_id, ids[0]);
     let report =
         queue.complete_many("w1", &[record(&first[0], Outcome::Dead, Some(400))], BREAKER).await.expect("stale");
@@ -1287,7 +1564,7 @@ async fn a_batch_written_twice_records_each_attempt_and_its_health_once() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     insert_many(&client, hook, 2).await;
-    let claimed = queue.claim("w1", 2, LEASE).await.expect("claim");
+    let claimed = queue.claim("w1", 2, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Retry, Some(503))).collect();
     queue.complete_many("w1", &records, BREAKER).await.expect("first write");
     // As if the commit's reply was lost and the worker retried the same batch.
@@ -1308,7 +1585,7 @@ async fn a_response_excerpt_with_nul_bytes_is_stored_and_does_not_fail_the_batch
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 2).await;
-    let claimed = queue.claim("w1", 2, LEASE).await.expect("claim");
+    let claimed = queue.claim("w1", 2, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     let records: Vec<AttemptRecord> = claimed
         .iter()
         .map(|c| AttemptRecord {
@@ -1963,7 +2240,7 @@ async fn migrating_twice_applies_nothing_the_second_time() {
     {
         let mut client = connect(&url).await;
         let first = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("first migrate");
-        assert_eq!(first.applied, ["V1__schema", "V2__functions", "V3__views"]);
+        assert_eq!(first.applied, ["V1__schema", "V2__functions", "V3__views", "V4__flow_control"]);
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
         assert!(second.applied.is_empty(), "{second:?}");
         // The template-cloned test database is current too.
@@ -2001,7 +2278,16 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
     applied.sort();
     assert_eq!(
         applied,
-        [vec![], vec![], vec!["V1__schema".to_owned(), "V2__functions".to_owned(), "V3__views".to_owned()]],
+        [
+            vec![],
+            vec![],
+            vec![
+                "V1__schema".to_owned(),
+                "V2__functions".to_owned(),
+                "V3__views".to_owned(),
+                "V4__flow_control".to_owned()
+            ]
+        ],
         "exactly one run applied the migrations"
     );
     {
@@ -2013,7 +2299,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3]);
+        assert_eq!(history, [1, 2, 3, 4]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
@@ -2076,7 +2362,7 @@ async fn complete_many_reports_each_webhooks_health_after_the_batch() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     insert_many(&client, hook, 3).await;
-    let claimed = queue.claim("w1", 3, LEASE).await.expect("claim");
+    let claimed = queue.claim("w1", 3, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
     let breaker = BreakerSettings { failure_threshold: 3, open_for: Duration::from_secs(60) };
     let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Dead, Some(500))).collect();
     let report = queue.complete_many("w1", &records, breaker).await.expect("complete");

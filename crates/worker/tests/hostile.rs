@@ -556,8 +556,6 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
 /// every request successfully but slowly (800 ms, inside HTTP_TIMEOUT, so its circuit never opens)
 /// and has more due rows than the worker has attempt slots (`HOOKFLEET_MAX_IN_FLIGHT`, default 64).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a slow webhook with more due rows than HOOKFLEET_MAX_IN_FLIGHT holds every attempt slot; \
-            other webhooks' rows wait behind all of them (spec §3.8)"]
 async fn a_slow_webhook_with_a_backlog_does_not_delay_a_healthy_webhook() {
     const BACKLOG: i64 = 192;
     let db = database().await;

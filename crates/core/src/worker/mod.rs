@@ -31,7 +31,9 @@ use crate::crypto::Keyring;
 use crate::db::{self, DbError};
 use crate::delivery::{ClientOptions, DeliveryClient, DeliveryError, DeliveryRequest, Response};
 use crate::metrics::{self, Metrics, ReadinessCheck};
-use crate::queue::{AttemptRecord, BreakerSettings, ClaimedDelivery, Outcome, Queue, WorkerIdentity};
+use crate::queue::{
+    AttemptRecord, BreakerSettings, Claim, ClaimLimits, ClaimedDelivery, Outcome, Queue, WorkerIdentity,
+};
 use crate::retry::{self, RetryPolicy};
 use crate::signing;
 use crate::webhooks::{WebhookStore, WebhookTarget};
@@ -44,6 +46,15 @@ const MAX_COMPLETE_BATCH: usize = 1000;
 const SHUTDOWN_STEP_LIMIT: Duration = Duration::from_secs(3);
 /// How long rows of a webhook this worker cannot use (e.g. undecryptable) wait before another try.
 const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
+/// Shortest sleep before claiming again for a rate-limited webhook: a claim costs a round trip,
+/// so very high rates are served in small bursts rather than one claim per token.
+const MIN_TOKEN_WAIT: Duration = Duration::from_millis(5);
+/// When another worker's claim was deciding for a webhook at the same moment: look again soon.
+const CONTENDED_WAIT: Duration = Duration::from_millis(2);
+/// `webhook_circuit_state` values.
+const CIRCUIT_CLOSED: i64 = 0;
+const CIRCUIT_OPEN: i64 = 1;
+const CIRCUIT_HALF_OPEN: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -67,6 +78,11 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     pub lease: Duration,
     pub max_in_flight: u32,
+    /// Most of this worker's attempts one webhook may hold.
+    pub max_in_flight_per_webhook: u32,
+    /// `RATE_LIMIT_RPS` and `HOOKFLEET_RATE_LIMIT_BURST`: the fleet-wide limit of webhooks that set none.
+    pub rate_limit_rps: f64,
+    pub rate_limit_burst: Option<u32>,
     pub http_timeout: Duration,
     pub retry: RetryPolicy,
     pub default_max_retries: u32,
@@ -96,6 +112,9 @@ impl WorkerSettings {
             poll_interval: config.poll_interval,
             lease: config.lease,
             max_in_flight: config.max_in_flight,
+            max_in_flight_per_webhook: config.max_in_flight_per_webhook,
+            rate_limit_rps: config.rate_limit_rps,
+            rate_limit_burst: config.rate_limit_burst,
             http_timeout: config.http_timeout,
             retry: RetryPolicy { base: config.retry_base, max: config.retry_max },
             default_max_retries: config.max_retries,
@@ -167,7 +186,7 @@ struct AttemptContext {
     /// Each result travels with its attempt slot, which is freed only once the result is written
     /// back: a stalled write-back stops new claims instead of piling up results whose leases
     /// expire.
-    results: mpsc::UnboundedSender<(AttemptRecord, OwnedSemaphorePermit)>,
+    results: mpsc::UnboundedSender<(AttemptRecord, Slot)>,
     /// Fired when the shutdown grace runs out: unfinished attempts are abandoned (their rows are
     /// released, so they are delivered again: at least once).
     abandon: CancellationToken,
@@ -187,6 +206,7 @@ impl Engine {
         let settings = self.settings.clone();
         let worker_id = settings.identity.worker_id.clone();
         let wake = Arc::new(Notify::new());
+        let settled = Arc::new(Notify::new());
 
         let services = TaskTracker::new();
         if let Err(error) = self.queue.heartbeat(&settings.identity, 0).await {
@@ -200,7 +220,13 @@ impl Engine {
         services.close();
 
         let (results, results_rx) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(complete(self.queue.clone(), settings.clone(), self.metrics.clone(), results_rx));
+        let completer = tokio::spawn(complete(
+            self.queue.clone(),
+            settings.clone(),
+            self.metrics.clone(),
+            results_rx,
+            settled.clone(),
+        ));
         let context = Arc::new(AttemptContext {
             settings: settings.clone(),
             client: self.client.clone(),
@@ -211,7 +237,7 @@ impl Engine {
         let attempts = TaskTracker::new();
         tracing::info!(%worker_id, batch_size = settings.batch_size, max_in_flight = settings.max_in_flight, "worker started");
 
-        self.claim_loop(&context, &attempts, &wake, &shutdown).await;
+        self.claim_loop(&context, &attempts, &wake, &settled, &shutdown).await;
 
         tracing::info!(in_flight = attempts.len(), grace = ?settings.shutdown_grace, "stopping: no more claims, finishing attempts");
         attempts.close();
@@ -251,10 +277,12 @@ impl Engine {
         context: &Arc<AttemptContext>,
         attempts: &TaskTracker,
         wake: &Notify,
+        settled: &Notify,
         shutdown: &CancellationToken,
     ) {
         let settings = &self.settings;
         let slots = Arc::new(Semaphore::new(settings.max_in_flight as usize));
+        let busy = Arc::new(Busy::default());
         let mut cache = cache::WebhookCache::new(self.store.clone());
         let mut failures = 0u32;
         loop {
@@ -273,42 +301,75 @@ impl Engine {
             }
             let requested = permits.len();
             let started = Instant::now();
-            let claimed = match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease).await {
-                Ok(claimed) => {
-                    if failures > 0 {
-                        tracing::info!(failed_claims = failures, "database reachable again; claiming");
-                    }
-                    failures = 0;
-                    claimed
-                }
-                Err(error) => {
-                    drop(permits);
-                    failures += 1;
-                    self.metrics.database_errors_total.with_label_values(&["claim"]).inc();
-                    let pause = database_backoff(failures);
-                    tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
-                    if sleep_or_shutdown(pause, shutdown).await {
-                        return;
-                    }
-                    continue;
-                }
+            let limits = ClaimLimits {
+                default_rate_limit_rps: Some(settings.rate_limit_rps),
+                default_rate_limit_burst: settings.rate_limit_burst,
+                webhook_slots: Some(settings.max_in_flight_per_webhook),
+                busy: busy.snapshot(),
             };
+            let claim =
+                match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits).await {
+                    Ok(claim) => {
+                        if failures > 0 {
+                            tracing::info!(failed_claims = failures, "database reachable again; claiming");
+                        }
+                        failures = 0;
+                        claim
+                    }
+                    Err(error) => {
+                        drop(permits);
+                        failures += 1;
+                        self.metrics.database_errors_total.with_label_values(&["claim"]).inc();
+                        let pause = database_backoff(failures);
+                        tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
+                        if sleep_or_shutdown(pause, shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
             self.metrics.claim_duration_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.claimed_total.inc_by(claimed.len() as u64);
-            let drained = claimed.len() < requested;
-            permits.truncate(claimed.len());
-            if !claimed.is_empty() {
-                self.start_attempts(claimed, permits, &mut cache, context, attempts).await;
+            self.metrics.claimed_total.inc_by(claim.deliveries.len() as u64);
+            self.record_holds(&claim);
+            let Claim { deliveries, rate_limited, held_for_capacity, contended, .. } = claim;
+            let drained = deliveries.len() < requested;
+            permits.truncate(deliveries.len());
+            if !deliveries.is_empty() {
+                self.start_attempts(deliveries, permits, &busy, &mut cache, context, attempts).await;
             }
             if drained {
-                // Nothing more is due: sleep until an INSERT notifies us or the poll interval passes.
+                // Nothing more may start now: sleep until an INSERT notifies us, the next token of
+                // a rate-limited webhook is due, one of our attempts settles while a webhook waits
+                // for capacity, or the poll interval passes.
+                let next_token = rate_limited
+                    .iter()
+                    .filter_map(|(_, until)| until.and_then(|until| until.duration_since(SystemTime::now()).ok()))
+                    .min();
+                let mut pause = next_token
+                    .map_or(settings.poll_interval, |wait| wait.max(MIN_TOKEN_WAIT).min(settings.poll_interval));
+                if !contended.is_empty() {
+                    pause = pause.min(CONTENDED_WAIT);
+                }
+                let capacity_wait = !held_for_capacity.is_empty();
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return,
                     _ = wake.notified() => {}
-                    _ = tokio::time::sleep(settings.poll_interval) => {}
+                    _ = settled.notified(), if capacity_wait => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
+        }
+    }
+
+    /// Metrics for what the claim held back or probed.
+    fn record_holds(&self, claim: &Claim) {
+        for (webhook_id, _) in &claim.rate_limited {
+            self.metrics.rate_limited_total.with_label_values(&[&webhook_id.to_string()]).inc();
+        }
+        for webhook_id in &claim.probes {
+            self.metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(CIRCUIT_HALF_OPEN);
+            tracing::info!(webhook_id, "circuit half-open: sending one probe");
         }
     }
 
@@ -316,6 +377,7 @@ impl Engine {
         &self,
         claimed: Vec<ClaimedDelivery>,
         permits: Vec<OwnedSemaphorePermit>,
+        busy: &Arc<Busy>,
         cache: &mut cache::WebhookCache,
         context: &Arc<AttemptContext>,
         attempts: &TaskTracker,
@@ -352,7 +414,8 @@ impl Engine {
             };
             let span =
                 tracing::info_span!("attempt", delivery_id = delivery.delivery_id, webhook_id = delivery.webhook_id);
-            attempts.spawn(attempt(context.clone(), delivery, target, permit).instrument(span));
+            let slot = busy.hold(delivery.webhook_id, permit);
+            attempts.spawn(attempt(context.clone(), delivery, target, slot).instrument(span));
         }
         if !disabled.is_empty() {
             if let Err(error) = self.queue.release(worker_id, &disabled).await {
@@ -371,12 +434,7 @@ impl Engine {
 }
 
 /// One delivery attempt: sign, send, decide, hand the result to the completer.
-async fn attempt(
-    context: Arc<AttemptContext>,
-    mut delivery: ClaimedDelivery,
-    target: Arc<WebhookTarget>,
-    slot: OwnedSemaphorePermit,
-) {
+async fn attempt(context: Arc<AttemptContext>, mut delivery: ClaimedDelivery, target: Arc<WebhookTarget>, slot: Slot) {
     let metrics = &context.metrics;
     let settings = &context.settings;
     metrics.worker_in_flight.inc();
@@ -462,13 +520,15 @@ async fn complete(
     queue: Queue,
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
-    mut results: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>,
+    mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>,
+    settled: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
-        let (records, slots): (Vec<AttemptRecord>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
+        let (records, slots): (Vec<AttemptRecord>, Vec<Slot>) = batch.drain(..).unzip();
         write_back(&queue, &settings, &metrics, &records).await;
         drop(slots);
+        settled.notify_one();
     }
 }
 
@@ -483,8 +543,8 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
         match queue.complete_many(&settings.identity.worker_id, batch, settings.breaker).await {
             Ok(report) => {
                 for (webhook_id, health) in &report.health {
-                    let open = i64::from(health == "unavailable");
-                    metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(open);
+                    let state = if health == "unavailable" { CIRCUIT_OPEN } else { CIRCUIT_CLOSED };
+                    metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(state);
                 }
                 if report.lost_leases > 0 {
                     metrics.lease_lost_total.inc_by(report.lost_leases as u64);
@@ -565,3 +625,44 @@ where
 
 /// Targets by webhook id, as the cache hands them out.
 type Targets = HashMap<i64, Result<Arc<WebhookTarget>, String>>;
+
+/// This worker's attempts per webhook that still hold their row (started and not yet written
+/// back): what the claim compares with `HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK`.
+#[derive(Default)]
+struct Busy(std::sync::Mutex<HashMap<i64, u32>>);
+
+impl Busy {
+    fn snapshot(&self) -> Vec<(i64, u32)> {
+        self.counts().iter().map(|(webhook_id, busy)| (*webhook_id, *busy)).collect()
+    }
+
+    fn hold(self: &Arc<Self>, webhook_id: i64, permit: OwnedSemaphorePermit) -> Slot {
+        *self.counts().entry(webhook_id).or_default() += 1;
+        Slot { _permit: permit, busy: self.clone(), webhook_id }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
+        // The map stays consistent whatever panicked while holding it: every change is one step.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One attempt slot: a permit of `HOOKFLEET_MAX_IN_FLIGHT`, counted against its webhook until the
+/// attempt's result is written back.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    busy: Arc<Busy>,
+    webhook_id: i64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.busy.counts();
+        if let Some(busy) = counts.get_mut(&self.webhook_id) {
+            *busy -= 1;
+            if *busy == 0 {
+                counts.remove(&self.webhook_id);
+            }
+        }
+    }
+}
