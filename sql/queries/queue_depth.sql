@@ -1,3 +1,4 @@
--- Deliveries per status and, on the pending row, the age in seconds of the oldest due row.
-SELECT delivery_status, deliveries, oldest_due_age_seconds::float8
-FROM hookfleet.v_queue_depth
+-- The fleet's depth sample (pending, in_flight, dead; the oldest due row's age on pending),
+-- recounted by this call only when it is older than $1 seconds and no other worker is at it.
+SELECT delivery_status, deliveries, oldest_due_age_seconds
+FROM hookfleet.sample_queue_depth(make_interval(secs => $1::float8))

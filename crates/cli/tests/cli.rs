@@ -53,7 +53,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         .expect("setting")
         .get(0);
     assert_eq!(limit, "1000", "migrate writes HOOKFLEET_MAX_BODY_BYTES into the database");
-    assert_eq!(db.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet'").await, 7);
+    assert_eq!(db.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet'").await, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

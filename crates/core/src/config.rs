@@ -234,6 +234,20 @@ const ATTEMPT_RETENTION: SettingDoc = SettingDoc {
     default: "7d",
     description: "How long delivery attempt rows are kept before pruning (more than 0).",
 };
+const DELIVERY_RETENTION: SettingDoc = SettingDoc {
+    env: "HOOKFLEET_DELIVERY_RETENTION",
+    key: "delivery_retention",
+    default: "7d",
+    description: "How long delivered and cancelled rows stay in delivery_queue after they \
+                  settled (more than 0).",
+};
+const DEAD_RETENTION: SettingDoc = SettingDoc {
+    env: "HOOKFLEET_DEAD_RETENTION",
+    key: "dead_retention",
+    default: "30d",
+    description: "How long dead deliveries stay in delivery_queue, replayable, before pruning \
+                  (more than 0).",
+};
 const RESPONSE_BODY_CAP: SettingDoc = SettingDoc {
     env: "HOOKFLEET_RESPONSE_BODY_CAP",
     key: "response_body_cap",
@@ -257,7 +271,7 @@ const DB_POOL_SIZE: SettingDoc = SettingDoc {
 
 /// Every setting, in the order the docs list them. The loader can only see environment
 /// variables and file keys listed here (see [`Config::from_env_map`]).
-static SETTINGS: [SettingDoc; 32] = [
+static SETTINGS: [SettingDoc; 34] = [
     CONFIG_FILE,
     DATABASE_URL,
     BATCH_SIZE,
@@ -287,6 +301,8 @@ static SETTINGS: [SettingDoc; 32] = [
     ALLOWED_CIDRS,
     API_KEY,
     ATTEMPT_RETENTION,
+    DELIVERY_RETENTION,
+    DEAD_RETENTION,
     RESPONSE_BODY_CAP,
     HEARTBEAT_INTERVAL,
     DB_POOL_SIZE,
@@ -340,6 +356,8 @@ pub struct Config {
     pub allowed_cidrs: Vec<IpNet>,
     pub api_key: Option<SecretString>,
     pub attempt_retention: Duration,
+    pub delivery_retention: Duration,
+    pub dead_retention: Duration,
     pub response_body_cap: usize,
     pub heartbeat_interval: Duration,
     pub db_pool_size: u32,
@@ -508,6 +526,9 @@ impl Config {
             api_key: reader.secret(&API_KEY)?,
             attempt_retention: reader
                 .value(&ATTEMPT_RETENTION, |text| duration_within(text, Minimum::AboveZero, None))?,
+            delivery_retention: reader
+                .value(&DELIVERY_RETENTION, |text| duration_within(text, Minimum::AboveZero, None))?,
+            dead_retention: reader.value(&DEAD_RETENTION, |text| duration_within(text, Minimum::AboveZero, None))?,
             response_body_cap: reader.value(&RESPONSE_BODY_CAP, |text| whole_number(text, 0, 16 * 1024 * 1024))?,
             heartbeat_interval,
             db_pool_size: reader.value(&DB_POOL_SIZE, |text| whole_number(text, 1, 256))?,
@@ -873,6 +894,8 @@ mod tests {
         assert!(config.allowed_cidrs.is_empty());
         assert!(config.api_key.is_none());
         assert_eq!(config.attempt_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.delivery_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.dead_retention, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(config.response_body_cap, 65_536);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.db_pool_size, 8);
@@ -908,6 +931,8 @@ mod tests {
         ("HOOKFLEET_ALLOWED_CIDRS", "127.0.0.0/8, ::1/128,10.1.2.3"),
         ("HOOKFLEET_API_KEY", "bootstrap-key"),
         ("HOOKFLEET_ATTEMPT_RETENTION", "1h"),
+        ("HOOKFLEET_DELIVERY_RETENTION", "2h"),
+        ("HOOKFLEET_DEAD_RETENTION", "3d"),
         ("HOOKFLEET_RESPONSE_BODY_CAP", "0"),
         ("HOOKFLEET_HEARTBEAT_INTERVAL", "10s"),
         ("HOOKFLEET_DB_POOL_SIZE", "256"),
@@ -947,6 +972,8 @@ mod tests {
         assert_eq!(cidrs, ["127.0.0.0/8", "::1/128", "10.1.2.3/32"]);
         assert_eq!(secret(&config.api_key).as_deref(), Some("bootstrap-key"));
         assert_eq!(config.attempt_retention, Duration::from_secs(3600));
+        assert_eq!(config.delivery_retention, Duration::from_secs(7200));
+        assert_eq!(config.dead_retention, Duration::from_secs(3 * 24 * 3600));
         assert_eq!(config.response_body_cap, 0);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(config.db_pool_size, 256);

@@ -18,6 +18,7 @@ const RELEASE_HELD: &str = include_str!("../../../sql/queries/release_held.sql")
 const DEFER: &str = include_str!("../../../sql/queries/defer.sql");
 const RESCUE_EXPIRED: &str = include_str!("../../../sql/queries/rescue_expired.sql");
 const PRUNE_ATTEMPTS: &str = include_str!("../../../sql/queries/prune_attempts.sql");
+const PRUNE_DELIVERIES: &str = include_str!("../../../sql/queries/prune_deliveries.sql");
 const PRUNE_WORKERS: &str = include_str!("../../../sql/queries/prune_workers.sql");
 const HEARTBEAT: &str = include_str!("../../../sql/queries/heartbeat.sql");
 const QUEUE_DEPTH: &str = include_str!("../../../sql/queries/queue_depth.sql");
@@ -318,17 +319,32 @@ impl Queue {
         Ok(client.execute(PRUNE_ATTEMPTS, &[&retention.as_secs_f64(), &saturating_i32(limit)]).await?)
     }
 
+    /// Deletes at most `limit` settled deliveries past their retention (`prune_deliveries.sql`).
+    pub async fn prune_deliveries(
+        &self,
+        retention: Duration,
+        dead_retention: Duration,
+        limit: u32,
+    ) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(PRUNE_DELIVERIES).await?;
+        Ok(client
+            .execute(&statement, &[&retention.as_secs_f64(), &dead_retention.as_secs_f64(), &saturating_i32(limit)])
+            .await?)
+    }
+
     /// Removes registry rows of workers not seen for `silence` (killed without deregistering).
     pub async fn prune_workers(&self, silence: Duration) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
         Ok(client.execute(PRUNE_WORKERS, &[&silence.as_secs_f64()]).await?)
     }
 
-    /// Deliveries per status, and the age of the oldest due pending row.
-    pub async fn depth(&self) -> Result<QueueDepth, DbError> {
+    /// The fleet's depth sample (pending, in_flight, dead, and the age of the oldest due row),
+    /// recounted by this call only if it is older than `max_age` and no other worker is at it.
+    pub async fn depth(&self, max_age: Duration) -> Result<QueueDepth, DbError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(QUEUE_DEPTH).await?;
-        let rows = client.query(&statement, &[]).await?;
+        let rows = client.query(&statement, &[&max_age.as_secs_f64()]).await?;
         let mut depth = QueueDepth::default();
         for row in rows {
             let status: String = row.try_get(0)?;

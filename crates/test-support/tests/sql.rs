@@ -991,7 +991,9 @@ async fn the_default_rate_applies_to_webhooks_without_their_own_and_unused_token
 
     let claim = flow_claim(&client, "w1", 20, (Some(0.1), Some(2)), None, &[]).await;
     assert_eq!(sorted(claim.claimed), [&defaults[..2], &owns[..4]].concat());
-    assert_eq!(claim.held, []);
+    // Both took all their tokens allowed: reported, with when the next token is due (10 s at 0.1/s).
+    assert_eq!(claim.held, [(default_limited, "rate_limit".to_owned()), (own, "rate_limit".to_owned())]);
+    assert!(claim.token_in.iter().all(|wait| (9.0..=10.0).contains(wait)), "{:?}", claim.token_in);
 
     // A claim spends only the tokens of the rows it took.
     let quiet = webhook_with(&db, NewWebhook { rate_limit_rps: Some(0.1), rate_limit_burst: Some(5), ..spec() }).await;
@@ -1000,6 +1002,31 @@ async fn the_default_rate_applies_to_webhooks_without_their_own_and_unused_token
     let more = insert_many(&client, quiet, 6).await;
     let next = flow_claim(&client, "w1", 20, (Some(0.1), Some(2)), None, &[]).await;
     assert_eq!(next.claimed, more[..4], "five tokens, one spent");
+}
+
+#[tokio::test]
+async fn a_bucket_far_from_empty_is_claimed_without_its_lock_and_still_spent() {
+    let db = database().await;
+    let client = db.client().await;
+    // 1/s with a burst of 2,000: far more tokens than 16 batches, so no lock after the first claim.
+    let hook =
+        webhook_with(&db, NewWebhook { rate_limit_rps: Some(1.0), rate_limit_burst: Some(2000), ..spec() }).await;
+    let rows = insert_many(&client, hook, 30).await;
+    let debt = || async {
+        client
+            .query_one(
+                "SELECT tat - extract(epoch FROM now()) FROM hookfleet.webhook_rate_limits WHERE webhook_id = $1",
+                &[&hook],
+            )
+            .await
+            .expect("bucket")
+            .get::<_, f64>(0)
+    };
+    assert_eq!(flow_claim(&client, "w1", 10, (None, None), None, &[]).await.claimed, rows[..10]);
+    assert!((9.0..=10.5).contains(&debt().await), "10 tokens at 1/s");
+    // Lock-free now (1,990 tokens left), and still spent.
+    assert_eq!(flow_claim(&client, "w2", 10, (None, None), None, &[]).await.claimed, rows[10..20]);
+    assert!((19.0..=20.5).contains(&debt().await), "20 tokens spent in all");
 }
 
 #[tokio::test]
@@ -2240,7 +2267,10 @@ async fn migrating_twice_applies_nothing_the_second_time() {
     {
         let mut client = connect(&url).await;
         let first = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("first migrate");
-        assert_eq!(first.applied, ["V1__schema", "V2__functions", "V3__views", "V4__flow_control"]);
+        assert_eq!(
+            first.applied,
+            ["V1__schema", "V2__functions", "V3__views", "V4__flow_control", "V5__claim_holds_and_queue_upkeep"]
+        );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
         assert!(second.applied.is_empty(), "{second:?}");
         // The template-cloned test database is current too.
@@ -2285,7 +2315,8 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V1__schema".to_owned(),
                 "V2__functions".to_owned(),
                 "V3__views".to_owned(),
-                "V4__flow_control".to_owned()
+                "V4__flow_control".to_owned(),
+                "V5__claim_holds_and_queue_upkeep".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2299,7 +2330,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4]);
+        assert_eq!(history, [1, 2, 3, 4, 5]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
@@ -2367,6 +2398,74 @@ async fn complete_many_reports_each_webhooks_health_after_the_batch() {
     let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Dead, Some(500))).collect();
     let report = queue.complete_many("w1", &records, breaker).await.expect("complete");
     assert_eq!(report.health, vec![(hook, "unavailable".to_owned())], "three failures opened the circuit");
+}
+
+#[tokio::test]
+async fn settled_deliveries_past_their_retention_are_pruned_oldest_first_and_nothing_else() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let ids = insert_many(&client, hook, 8).await;
+    // (status, created days ago, settled days ago)
+    let rows = [
+        ("delivered", 9, 8),   // pruned: delivered 8 days ago
+        ("delivered", 9, 1),   // kept: delivered yesterday, after a long retry
+        ("cancelled", 8, 8),   // pruned
+        ("dead", 31, 31),      // pruned: past the dead-letter retention
+        ("dead", 10, 10),      // kept: still replayable
+        ("pending", 10, 10),   // kept: not settled (scheduled, or retrying)
+        ("in_flight", 10, 10), // kept
+        ("delivered", 0, 0),   // kept
+    ];
+    for (id, (status, created, settled)) in ids.iter().zip(rows) {
+        client
+            .execute(
+                "UPDATE hookfleet.delivery_queue SET delivery_status = $2, \
+                 created_at = now() - make_interval(days => $3), \
+                 delivered_at = CASE WHEN $2 = 'delivered' THEN now() - make_interval(days => $4) END, \
+                 last_attempt_at = now() - make_interval(days => $4) WHERE delivery_id = $1",
+                &[id, &status, &created, &settled],
+            )
+            .await
+            .expect("age the row");
+    }
+    let queue = queue(&db);
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(queue.prune_deliveries(7 * day, 30 * day, 2).await.expect("prune"), 2, "at most the limit");
+    assert_eq!(queue.prune_deliveries(7 * day, 30 * day, 100).await.expect("prune"), 1);
+    assert_eq!(queue.prune_deliveries(7 * day, 30 * day, 100).await.expect("prune"), 0);
+    let left: Vec<i64> = client
+        .query("SELECT delivery_id FROM hookfleet.delivery_queue ORDER BY delivery_id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, [ids[1], ids[4], ids[5], ids[6], ids[7]]);
+}
+
+#[tokio::test]
+async fn the_depth_sample_is_counted_at_most_once_per_interval_for_the_fleet() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let rows = insert_many(&client, hook, 3).await;
+    set_status(&client, rows[0], "dead").await;
+    let queue = queue(&db);
+    let counts = |depth: &hookfleet_core::queue::QueueDepth| -> BTreeMap<String, i64> {
+        depth.by_status.iter().cloned().collect()
+    };
+    let first = queue.depth(Duration::from_secs(60)).await.expect("depth");
+    assert_eq!(
+        counts(&first),
+        BTreeMap::from([("dead".to_owned(), 1), ("in_flight".to_owned(), 0), ("pending".to_owned(), 2)])
+    );
+    insert_many(&client, hook, 5).await;
+    let cached = queue.depth(Duration::from_secs(60)).await.expect("depth");
+    assert_eq!(counts(&cached)["pending"], 2, "a fresh sample is read, not recounted");
+    let recounted = queue.depth(Duration::ZERO).await.expect("depth");
+    assert_eq!(counts(&recounted)["pending"], 7);
+    assert!(recounted.oldest_due_age < Duration::from_secs(60));
 }
 
 #[tokio::test]

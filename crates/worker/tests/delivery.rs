@@ -320,7 +320,8 @@ async fn metrics_health_and_readiness_are_served() {
         "webhook_delivery_duration_seconds_bucket",
         "worker_in_flight",
         "worker_health_status{worker_id=\"w-metrics\"} 1",
-        "webhook_queue_depth{status=\"delivered\"} 1",
+        "webhook_queue_depth{status=\"pending\"} 0",
+        "webhook_queue_depth{status=\"dead\"} 0",
         "process_resident_memory_bytes",
     ];
     let last = std::sync::Mutex::new(String::new());

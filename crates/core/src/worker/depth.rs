@@ -1,5 +1,7 @@
 //! Queue-depth sampler: one query on a timer feeds `webhook_queue_depth{status}` and
-//! `webhook_queue_oldest_due_age_seconds`, rather than one query per scrape.
+//! `webhook_queue_oldest_due_age_seconds`, rather than one query per scrape. Every worker asks,
+//! but `hookfleet.sample_queue_depth` counts at most once per interval for the whole fleet; the
+//! other workers read that sample.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ pub(super) async fn run(queue: Queue, metrics: Arc<Metrics>, shutdown: Cancellat
     run_every("depth", SAMPLE_INTERVAL, shutdown, || {
         let (queue, metrics) = (&queue, &metrics);
         async move {
-            match queue.depth().await {
+            match queue.depth(SAMPLE_INTERVAL.mul_f64(0.8)).await {
                 Ok(depth) => {
                     for (status, count) in &depth.by_status {
                         metrics.queue_depth.with_label_values(&[status]).set(*count);

@@ -90,6 +90,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     pub heartbeat_interval: Duration,
     pub attempt_retention: Duration,
+    pub delivery_retention: Duration,
+    pub dead_retention: Duration,
 }
 
 impl WorkerSettings {
@@ -125,6 +127,8 @@ impl WorkerSettings {
             shutdown_grace: config.shutdown_grace,
             heartbeat_interval: config.heartbeat_interval,
             attempt_retention: config.attempt_retention,
+            delivery_retention: config.delivery_retention,
+            dead_retention: config.dead_retention,
         }
     }
 }
@@ -215,7 +219,7 @@ impl Engine {
         services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
         services.spawn(rescue::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
         services.spawn(depth::run(self.queue.clone(), self.metrics.clone(), shutdown.clone()));
-        services.spawn(prune::run(self.queue.clone(), settings.attempt_retention, shutdown.clone()));
+        services.spawn(prune::run(self.queue.clone(), settings.clone(), shutdown.clone()));
         services.spawn(listen::run(self.database_url.clone(), wake.clone(), shutdown.clone()));
         services.close();
 
