@@ -51,8 +51,14 @@ attempts AS (
 -- sorted subquery is not flattened, so the function runs in webhook_id order.
 health AS (
     SELECT g.webhook_id,
-           hookfleet.update_webhook_health_many(g.webhook_id, g.status_codes, g.durations_ms, g.errors,
-                                                $14::integer, $15::float8) AS health_status
+           hookfleet.update_webhook_health_many(
+               g.webhook_id, g.status_codes, g.durations_ms, g.errors,
+               -- The webhook's own breaker settings, else the worker's ($14, $15). Subqueries
+               -- rather than a join, which could reorder the rows.
+               COALESCE((SELECT w.circuit_breaker_failure_threshold FROM hookfleet.webhooks w
+                         WHERE w.webhook_id = g.webhook_id), $14::integer),
+               COALESCE((SELECT w.circuit_breaker_timeout_seconds FROM hookfleet.webhooks w
+                         WHERE w.webhook_id = g.webhook_id), $15::float8)) AS health_status
     FROM (SELECT webhook_id,
                  array_agg(status_code ORDER BY started_at, delivery_id) AS status_codes,
                  array_agg(duration_ms ORDER BY started_at, delivery_id) AS durations_ms,

@@ -9,6 +9,8 @@
 //! - **steady**, **outbox**, **fanout**: producers at a fixed offered rate (multi-row INSERTs,
 //!   transactions of 10 INSERTs, `hookfleet.publish` to 10 webhooks) with the workers running;
 //!   enqueue→arrival latency percentiles.
+//! - **aged**: the workers' claim measured by pgbench in a fresh table, after 1,000,000 rows went
+//!   through the queue, after VACUUM, and after retention pruned them.
 //!
 //! Every run also reports worker, PostgreSQL and bench CPU per 1,000 deliveries, worker RSS, the
 //! queue's size and dead tuples, and duplicates. Figures go to stdout and, as JSON and Markdown,
@@ -33,6 +35,7 @@ use crate::scenarios::{Env, Load, Paced};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Ceiling,
+    Aged,
     Drain,
     Steady,
     Outbox,
@@ -40,14 +43,14 @@ enum Scenario {
 }
 
 #[derive(Parser)]
-#[command(about = "Measure hookfleet on this machine: ceiling, drain, steady, outbox and fanout scenarios")]
+#[command(about = "Measure hookfleet on this machine: ceiling, drain, steady, outbox, fanout and aged scenarios")]
 struct Args {
     /// Small sizes for a smoke run of well under a minute (once built): 10,000 drain rows, 5 s per
     /// paced run, tighter bounds. Explicit options still win.
     #[arg(long)]
     quick: bool,
     /// Which scenarios to run, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,drain,steady,outbox,fanout")]
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,drain,steady,outbox,fanout,aged")]
     scenarios: Vec<Scenario>,
     /// Worker counts of the drain runs, one drain each.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
@@ -61,6 +64,9 @@ struct Args {
     /// Rows pre-inserted for the ceiling [default: as --rows].
     #[arg(long)]
     ceiling_rows: Option<u32>,
+    /// Settled rows pushed through the queue before the aged claims [default: 1000000; --quick 100000].
+    #[arg(long)]
+    aged_rows: Option<u32>,
     /// Offered rates (rows/s) of the steady and outbox runs, one run each.
     #[arg(long, value_delimiter = ',', default_value = "500,5000")]
     rates: Vec<f64>,
@@ -106,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     let quick = args.quick;
     let rows = args.rows.unwrap_or(if quick { 10_000 } else { 200_000 });
     let ceiling_rows = args.ceiling_rows.unwrap_or(rows);
+    let aged_rows = args.aged_rows.unwrap_or(if quick { 100_000 } else { 1_000_000 });
     let duration = args.duration.unwrap_or(Duration::from_secs(if quick { 5 } else { 60 }));
     let settle_timeout = args.settle_timeout.unwrap_or(Duration::from_secs(if quick { 10 } else { 60 }));
     let timeout = args.timeout.unwrap_or(Duration::from_secs(if quick { 120 } else { 600 }));
@@ -182,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         let mut plan: Vec<(String, Job)> = Vec::new();
         match scenario {
             Scenario::Ceiling => plan.push((format!("ceiling, {ceiling_rows} rows"), Job::Ceiling)),
+            Scenario::Aged => plan.push((format!("aged, {aged_rows} settled rows"), Job::Aged)),
             Scenario::Drain => {
                 for &workers in &args.workers {
                     plan.push((format!("drain, {rows} rows, {workers} workers"), Job::Drain(workers)));
@@ -223,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
             let began = std::time::Instant::now();
             let result = match &job {
                 Job::Ceiling => scenarios::ceiling(&env, ceiling_rows).await,
+                Job::Aged => scenarios::aged(&env, aged_rows).await,
                 Job::Drain(workers) => scenarios::drain(&env, rows, *workers).await,
                 Job::Paced(paced) => scenarios::paced(&env, paced).await,
             };
@@ -255,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
 
 enum Job {
     Ceiling,
+    Aged,
     Drain(u32),
     Paced(Paced),
 }

@@ -57,6 +57,13 @@ pub struct Run {
     pub duplicates: Option<u64>,
     /// pgbench: transactions per second (each claims up to 100 rows).
     pub tps: Option<f64>,
+    /// aged: mean claim latency (ms) in a fresh table, after the deliveries, after VACUUM, and
+    /// after retention pruned them; and how fast it pruned.
+    pub claim_ms_fresh: Option<f64>,
+    pub claim_ms_aged: Option<f64>,
+    pub claim_ms_vacuumed: Option<f64>,
+    pub claim_ms_pruned: Option<f64>,
+    pub prune_rows_per_second: Option<f64>,
     pub note: String,
     /// `--statements`: this run's statements by total execution time (pg_stat_statements).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -104,7 +111,7 @@ fn size(value: Option<QueueSize>) -> String {
     value.map_or_else(|| "—".to_owned(), |s| format!("{:.1} / {:.1}", s.total_mb, s.indexes_mb))
 }
 
-fn thousands(value: u64) -> String {
+pub fn thousands(value: u64) -> String {
     let digits = value.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -215,6 +222,24 @@ pub fn targets(runs: &[Run]) -> Vec<Target> {
         measured: if cpu.is_empty() { "not run".into() } else { cpu.join("; ") },
         verdict: "—",
     });
+    const AGED: &str = "queue table after 1,000,000 deliveries: claim latency within 2× of an empty queue";
+    out.push(match runs.iter().find(|r| r.scenario == "aged") {
+        Some(r) => match (r.claim_ms_fresh, r.claim_ms_aged, r.claim_ms_vacuumed) {
+            (Some(fresh), Some(aged), Some(vacuumed)) => Target {
+                target: AGED,
+                measured: format!(
+                    "after {} deliveries {aged:.3} ms before VACUUM, {vacuumed:.3} ms after, vs {fresh:.3} ms fresh \
+                     ({:.2}× / {:.2}×)",
+                    thousands(r.rows),
+                    aged / fresh,
+                    vacuumed / fresh
+                ),
+                verdict: verdict(r.rows >= 1_000_000 && aged.max(vacuumed) <= 2.0 * fresh),
+            },
+            _ => Target { target: AGED, measured: "incomplete".into(), verdict: "—" },
+        },
+        None => Target { target: AGED, measured: "not run".into(), verdict: "—" },
+    });
     out
 }
 
@@ -238,7 +263,7 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
         "| run | workers | rows | delivered | s | deliveries/s | × ceiling | offered/s | inserted/s | p50 ms | p95 ms | p99 ms | max ms | settled s | duplicates |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for r in runs {
+    for r in runs.iter().filter(|r| r.scenario != "aged") {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {}{} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -258,6 +283,21 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
             opt(r.latency_max_ms, 1),
             opt(r.settled_seconds, 2),
             r.duplicates.map_or_else(|| "—".to_owned(), |d| d.to_string()),
+        );
+    }
+    for r in runs.iter().filter(|r| r.scenario == "aged") {
+        let _ = write!(
+            md,
+            "\n## Claims on an aged queue\n\n\
+             Mean of 1,000 of the workers' claims of 50 rows among 100,000 due rows (pgbench, one client), ms.\n\n\
+             | fresh table | after {} deliveries | after VACUUM | after retention pruned them | pruned rows/s |\n\
+             |---|---|---|---|---|\n| {} | {} | {} | {} | {} |\n",
+            thousands(r.rows),
+            opt(r.claim_ms_fresh, 3),
+            opt(r.claim_ms_aged, 3),
+            opt(r.claim_ms_vacuumed, 3),
+            opt(r.claim_ms_pruned, 3),
+            opt(r.prune_rows_per_second, 0),
         );
     }
     if runs.iter().any(|r| r.latency_split_ms.is_some()) {

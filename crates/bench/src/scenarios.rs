@@ -488,6 +488,141 @@ pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
     Ok(run)
 }
 
+/// The workers' claim of one batch (a rate limit that never binds), committed: each measured
+/// claim takes 50 new rows and walks past those the previous claims took, as workers' claims do.
+const AGED_CLAIM_SQL: &str = "SELECT count(*) FROM hookfleet.claim_deliveries('bench-aged', 50, \
+interval '1 hour', 10, NULL, 128, '{}', '{}');\n";
+/// Claims per measurement, and the due rows put in front of them (twice what they take).
+const AGED_CLAIMS: u32 = 1_000;
+const AGED_PENDING: i64 = 100_000;
+/// Rows inserted and settled per statement while aging the queue.
+const AGED_BATCH: i64 = 100_000;
+/// Rows per pruning statement, as the workers' prune service uses.
+const AGED_PRUNE_BATCH: u32 = 10_000;
+
+/// **aged**: does a queue that delivered `settled` rows still claim as fast as a fresh one? pgbench
+/// runs 1,000 of the workers' claims of 50 rows against 100,000 due rows: in a fresh table; after
+/// `settled` more rows went through it (inserted as producers do, then settled, leaving two row
+/// versions each, as the fleet does); after VACUUM; and after retention pruned the settled rows
+/// (with how fast it pruned them). Before each measurement the previous one's rows are settled.
+pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
+    let db = db::create(env.url(), "bench_aged", env.receiver_addr, 1, &[], env.statements).await?;
+    let hook = db.webhook_ids[0];
+    let add_rows = |rows: i64| {
+        let client = &db.client;
+        async move {
+            client
+                .execute(
+                    "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                     SELECT $1, jsonb_build_object('n', n, 'pad', repeat('x', $3::int)) \
+                     FROM generate_series(1, $2::bigint) n",
+                    &[&hook, &rows, &(PAD as i32)],
+                )
+                .await
+        }
+    };
+    let settle_all = || {
+        db.client.execute(
+            "UPDATE hookfleet.delivery_queue SET delivery_status = 'delivered', delivered_at = now(), \
+             locked_by = NULL, locked_until = NULL WHERE delivery_status IN ('pending', 'in_flight')",
+            &[],
+        )
+    };
+    add_rows(AGED_PENDING).await?;
+    db.client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
+    let queue_before = db.queue_size().await?;
+    let fresh = claim_latency(env, &db).await?;
+
+    let aging = Instant::now();
+    let mut done = 0i64;
+    while done < i64::from(settled) {
+        settle_all().await?;
+        let rows = AGED_BATCH.min(i64::from(settled) - done);
+        add_rows(rows).await?;
+        done += rows;
+        if aging.elapsed() > env.timeout {
+            bail!("aging the queue took longer than {:?} ({done} of {settled} rows)", env.timeout);
+        }
+    }
+    settle_all().await?;
+    let aging_seconds = aging.elapsed().as_secs_f64();
+    add_rows(AGED_PENDING).await?;
+    let aged_size = db.queue_size().await?;
+    let aged = claim_latency(env, &db).await?;
+    settle_all().await?;
+    db.client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
+    add_rows(AGED_PENDING).await?;
+    let vacuumed = claim_latency(env, &db).await?;
+    settle_all().await?;
+
+    let queue = hookfleet_core::queue::Queue::new(hookfleet_core::db::pool(&db.url, "bench", 1)?);
+    let pruning = Instant::now();
+    let mut pruned = 0u64;
+    loop {
+        let rows = queue.prune_deliveries(Duration::ZERO, Duration::ZERO, AGED_PRUNE_BATCH).await?;
+        pruned += rows;
+        if rows < u64::from(AGED_PRUNE_BATCH) || pruning.elapsed() > env.timeout {
+            break;
+        }
+    }
+    let prune_seconds = pruning.elapsed().as_secs_f64();
+    add_rows(AGED_PENDING).await?;
+    let after_prune = claim_latency(env, &db).await?;
+
+    let history = u64::from(settled) + 3 * AGED_PENDING as u64;
+    let mut run = Run {
+        scenario: "aged".into(),
+        label: format!("claim after {} deliveries", crate::report::thousands(u64::from(settled))),
+        rows: u64::from(settled),
+        complete: pruned >= history,
+        queue_before: Some(queue_before),
+        claim_ms_fresh: Some(fresh),
+        claim_ms_aged: Some(aged),
+        claim_ms_vacuumed: Some(vacuumed),
+        claim_ms_pruned: Some(after_prune),
+        prune_rows_per_second: Some(pruned as f64 / prune_seconds.max(1e-9)),
+        note: format!(
+            "{AGED_CLAIMS} claims of 50 among {AGED_PENDING} due rows (pgbench, 1 client): fresh {fresh:.3} ms; \
+             after {settled} rows went through ({aging_seconds:.1} s to age; table {:.0} MB, indexes {:.0} MB) \
+             {aged:.3} ms, after VACUUM {vacuumed:.3} ms; retention pruned {pruned} rows in {prune_seconds:.1} s, \
+             then {after_prune:.3} ms (before any VACUUM)",
+            aged_size.total_mb, aged_size.indexes_mb
+        ),
+        ..Run::default()
+    };
+    close(env, db, &mut run).await?;
+    Ok(run)
+}
+
+/// Mean latency (ms) of `AGED_CLAIMS` of the workers' claims, by pgbench with one client.
+async fn claim_latency(env: &Env<'_>, db: &BenchDb) -> anyhow::Result<f64> {
+    let dir = std::env::temp_dir().join(format!("hookfleet-bench-aged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("claim.sql");
+    std::fs::write(&script, AGED_CLAIM_SQL)?;
+    let mut command = Command::new(env.server.bindir().join("pgbench"));
+    command
+        .arg("-h")
+        .arg(env.server.socket_dir())
+        .arg("-p")
+        .arg(env.server.port().to_string())
+        .args(["-U", "postgres", "-n", "-c", "1", "-t", &AGED_CLAIMS.to_string()])
+        .arg("-f")
+        .arg(&script)
+        .arg(&db.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let limit = env.timeout;
+    let (_, output) = tokio::task::spawn_blocking(move || run_bounded(command, limit)).await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = output.context("pgbench did not finish within --timeout")?;
+    stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("latency average = ")?.split_whitespace().next()?.parse::<f64>().ok())
+        .with_context(|| format!("no `latency average = ` in pgbench's output:\n{stdout}"))
+}
+
 /// Runs `command` to completion, or kills it after `limit` (then `None`). Blocking.
 fn run_bounded(mut command: Command, limit: Duration) -> anyhow::Result<(Duration, Option<String>)> {
     let start = Instant::now();

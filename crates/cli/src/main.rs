@@ -88,6 +88,12 @@ struct CreateArgs {
     timeout_ms: Option<u32>,
     #[arg(long)]
     max_in_flight: Option<u32>,
+    /// Consecutive failures that open its circuit [default: CIRCUIT_BREAKER_FAILURE_THRESHOLD].
+    #[arg(long)]
+    circuit_breaker_threshold: Option<u32>,
+    /// How long its circuit stays open before one probe, e.g. 30s [default: CIRCUIT_BREAKER_TIMEOUT_SECONDS].
+    #[arg(long, value_parser = hookfleet_core::config::parse_duration)]
+    circuit_breaker_timeout: Option<std::time::Duration>,
     /// Create it disabled (its deliveries wait until it is enabled).
     #[arg(long)]
     disabled: bool,
@@ -212,6 +218,8 @@ async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow:
         max_retries: args.max_retries,
         timeout_ms: args.timeout_ms,
         max_in_flight: args.max_in_flight,
+        circuit_breaker_failure_threshold: args.circuit_breaker_threshold,
+        circuit_breaker_timeout: args.circuit_breaker_timeout,
         enabled: !args.disabled,
     };
     let webhook = store.create(new, &client).await?;

@@ -75,6 +75,10 @@ async fn webhooks_create_prints_json_and_list_decrypts() {
             "2",
             "--timeout-ms",
             "1500",
+            "--circuit-breaker-threshold",
+            "3",
+            "--circuit-breaker-timeout",
+            "30s",
         ],
     ));
     let webhook: serde_json::Value = serde_json::from_str(&created).expect("JSON");
@@ -84,6 +88,8 @@ async fn webhooks_create_prints_json_and_list_decrypts() {
     assert_eq!(webhook["rate_limit_rps"], 5.0);
     assert_eq!(webhook["max_retries"], 2);
     assert_eq!(webhook["timeout_ms"], 1500);
+    assert_eq!(webhook["circuit_breaker_failure_threshold"], 3);
+    assert_eq!(webhook["circuit_breaker_timeout_seconds"], 30.0);
     let secret = webhook["secret"].as_str().expect("secret");
     assert!(secret.starts_with("whsec_"));
 
@@ -131,6 +137,7 @@ async fn webhooks_create_refuses_bad_input_and_changes_nothing() {
         (base.clone(), vec!["--url", "http://127.0.0.1:9/", "--secret", "whsec_short"], "secret"),
         (base.clone(), vec!["--url", "http://127.0.0.1:9/", "--max-retries", "101"], "max_retries"),
         (base.clone(), vec!["--url", "http://127.0.0.1:9/", "--timeout-ms", "0"], "timeout_ms"),
+        (base.clone(), vec!["--url", "http://127.0.0.1:9/", "--circuit-breaker-threshold", "0"], "circuit_breaker"),
         (without(&["HOOKFLEET_ENCRYPTION_KEY"]), vec!["--url", "http://127.0.0.1:9/"], "hookfleet keygen"),
     ];
     for (env, args, expected) in cases {

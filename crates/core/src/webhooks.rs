@@ -51,6 +51,10 @@ pub struct NewWebhook {
     pub max_retries: Option<u32>,
     pub timeout_ms: Option<u32>,
     pub max_in_flight: Option<u32>,
+    /// Consecutive failures that open this webhook's circuit (else `CIRCUIT_BREAKER_FAILURE_THRESHOLD`).
+    pub circuit_breaker_failure_threshold: Option<u32>,
+    /// How long its circuit stays open (else `CIRCUIT_BREAKER_TIMEOUT_SECONDS`).
+    pub circuit_breaker_timeout: Option<Duration>,
     pub enabled: bool,
 }
 
@@ -66,6 +70,10 @@ pub struct WebhookView {
     pub max_retries: Option<u32>,
     pub timeout_ms: Option<u32>,
     pub max_in_flight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub circuit_breaker_failure_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub circuit_breaker_timeout_seconds: Option<f64>,
     pub enabled: bool,
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -140,8 +148,9 @@ impl WebhookStore {
         let row = client
             .query_one(
                 "INSERT INTO hookfleet.webhooks (webhook_id, name, url_encrypted, secrets_encrypted, encryption_key_id, \
-                 event_types, rate_limit_rps, rate_limit_burst, max_retries, timeout_ms, max_in_flight, enabled) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING created_at",
+                 event_types, rate_limit_rps, rate_limit_burst, max_retries, timeout_ms, max_in_flight, enabled, \
+                 circuit_breaker_failure_threshold, circuit_breaker_timeout_seconds) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING created_at",
                 &[
                     &webhook_id,
                     &name,
@@ -155,6 +164,8 @@ impl WebhookStore {
                     &new.timeout_ms.map(to_i32),
                     &new.max_in_flight.map(to_i32),
                     &new.enabled,
+                    &new.circuit_breaker_failure_threshold.map(to_i32),
+                    &new.circuit_breaker_timeout.map(|timeout| timeout.as_secs_f64()),
                 ],
             )
             .await?;
@@ -169,6 +180,8 @@ impl WebhookStore {
             max_retries: new.max_retries,
             timeout_ms: new.timeout_ms,
             max_in_flight: new.max_in_flight,
+            circuit_breaker_failure_threshold: new.circuit_breaker_failure_threshold,
+            circuit_breaker_timeout_seconds: new.circuit_breaker_timeout.map(|timeout| timeout.as_secs_f64()),
             enabled: new.enabled,
             created_at: humantime::format_rfc3339_seconds(created_at).to_string(),
             secret: Some(secret.to_whsec()),
@@ -181,7 +194,8 @@ impl WebhookStore {
         let rows = client
             .query(
                 "SELECT webhook_id, name, url_encrypted, event_types, rate_limit_rps, rate_limit_burst, max_retries, \
-                 timeout_ms, max_in_flight, enabled, created_at FROM hookfleet.webhooks ORDER BY webhook_id",
+                 timeout_ms, max_in_flight, enabled, created_at, circuit_breaker_failure_threshold, \
+                 circuit_breaker_timeout_seconds FROM hookfleet.webhooks ORDER BY webhook_id",
                 &[],
             )
             .await?;
@@ -200,6 +214,8 @@ impl WebhookStore {
                     max_retries: row.try_get::<_, Option<i32>>(6)?.map(to_u32),
                     timeout_ms: row.try_get::<_, Option<i32>>(7)?.map(to_u32),
                     max_in_flight: row.try_get::<_, Option<i32>>(8)?.map(to_u32),
+                    circuit_breaker_failure_threshold: row.try_get::<_, Option<i32>>(11)?.map(to_u32),
+                    circuit_breaker_timeout_seconds: row.try_get(12)?,
                     enabled: row.try_get(9)?,
                     created_at: humantime::format_rfc3339_seconds(created_at).to_string(),
                     secret: None,
@@ -295,6 +311,12 @@ fn validate(new: &NewWebhook) -> Result<(), WebhookError> {
     }
     if new.max_in_flight == Some(0) {
         return invalid("max_in_flight: must be at least 1".into());
+    }
+    if new.circuit_breaker_failure_threshold.is_some_and(|threshold| threshold == 0 || threshold > 1000) {
+        return invalid("circuit_breaker_failure_threshold: must be between 1 and 1000".into());
+    }
+    if new.circuit_breaker_timeout.is_some_and(|timeout| timeout.is_zero() || timeout > Duration::from_secs(86_400)) {
+        return invalid("circuit_breaker_timeout: must be more than 0 and at most 1 day".into());
     }
     Ok(())
 }

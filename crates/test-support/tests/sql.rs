@@ -1124,6 +1124,47 @@ async fn the_probe_closes_the_circuit_on_success_and_reopens_it_on_failure() {
 }
 
 #[tokio::test]
+async fn a_webhooks_own_breaker_settings_override_the_workers() {
+    let db = database().await;
+    let client = db.client().await;
+    let strict = webhook_with(
+        &db,
+        NewWebhook {
+            circuit_breaker_failure_threshold: Some(2),
+            circuit_breaker_timeout: Some(Duration::from_secs(7)),
+            ..spec()
+        },
+    )
+    .await;
+    let lenient = webhook(&db).await;
+    insert_many(&client, strict, 2).await;
+    insert_many(&client, lenient, 2).await;
+    let queue = queue(&db);
+    let claimed = queue.claim("w1", 10, LEASE, &ClaimLimits::default()).await.expect("claim").deliveries;
+    let records: Vec<AttemptRecord> = claimed.iter().map(|c| record(c, Outcome::Retry, Some(503))).collect();
+    // The worker's own settings: 5 failures, 60 s.
+    queue.complete_many("w1", &records, BREAKER).await.expect("complete_many");
+    let circuit = |hook: i64| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT circuit_state, extract(epoch FROM circuit_open_until - now())::float8 \
+                     FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+                    &[&hook],
+                )
+                .await
+                .expect("health row");
+            (row.get::<_, String>(0), row.get::<_, Option<f64>>(1))
+        }
+    };
+    let (state, open_for) = circuit(strict).await;
+    assert_eq!(state, "open", "two failures reach the webhook's own threshold of 2");
+    assert!(open_for.is_some_and(|seconds| (6.0..=7.0).contains(&seconds)), "open for its own 7 s: {open_for:?}");
+    assert_eq!(circuit(lenient).await.0, "closed", "two failures are below the worker's threshold of 5");
+}
+
+#[tokio::test]
 async fn a_lost_probe_is_replaced_after_its_lease() {
     let db = database().await;
     let client = db.client().await;
@@ -2269,7 +2310,14 @@ async fn migrating_twice_applies_nothing_the_second_time() {
         let first = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("first migrate");
         assert_eq!(
             first.applied,
-            ["V1__schema", "V2__functions", "V3__views", "V4__flow_control", "V5__claim_holds_and_queue_upkeep"]
+            [
+                "V1__schema",
+                "V2__functions",
+                "V3__views",
+                "V4__flow_control",
+                "V5__claim_holds_and_queue_upkeep",
+                "V6__webhook_breaker_overrides"
+            ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
         assert!(second.applied.is_empty(), "{second:?}");
@@ -2317,6 +2365,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V3__views".to_owned(),
                 "V4__flow_control".to_owned(),
                 "V5__claim_holds_and_queue_upkeep".to_owned(),
+                "V6__webhook_breaker_overrides".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2330,7 +2379,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
