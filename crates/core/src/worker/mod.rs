@@ -51,6 +51,8 @@ const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 const MIN_TOKEN_WAIT: Duration = Duration::from_millis(5);
 /// When another worker's claim was deciding for a webhook at the same moment: look again soon.
 const CONTENDED_WAIT: Duration = Duration::from_millis(2);
+/// While a webhook waits for capacity other workers may free: how soon to look again.
+const CAPACITY_RECHECK: Duration = Duration::from_millis(100);
 /// `webhook_circuit_state` values.
 const CIRCUIT_CLOSED: i64 = 0;
 const CIRCUIT_OPEN: i64 = 1;
@@ -345,16 +347,24 @@ impl Engine {
                 // Nothing more may start now: sleep until an INSERT notifies us, the next token of
                 // a rate-limited webhook is due, one of our attempts settles while a webhook waits
                 // for capacity, or the poll interval passes.
+                // A time already past (the database's clock, or a token due during the round trip)
+                // means "now".
+                let now = SystemTime::now();
                 let next_token = rate_limited
                     .iter()
-                    .filter_map(|(_, until)| until.and_then(|until| until.duration_since(SystemTime::now()).ok()))
+                    .filter_map(|(_, until)| until.map(|until| until.duration_since(now).unwrap_or(Duration::ZERO)))
                     .min();
                 let mut pause = next_token
                     .map_or(settings.poll_interval, |wait| wait.max(MIN_TOKEN_WAIT).min(settings.poll_interval));
                 if !contended.is_empty() {
                     pause = pause.min(CONTENDED_WAIT);
                 }
+                // Our own attempts settling wake us at once; capacity freed by other workers (a
+                // fleet-wide max_in_flight) is looked for again soon.
                 let capacity_wait = !held_for_capacity.is_empty();
+                if capacity_wait {
+                    pause = pause.min(CAPACITY_RECHECK);
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return,
