@@ -853,14 +853,7 @@ async fn claim_resumes_once_circuit_open_until_has_passed() {
     let row = insert(&client, hook).await;
     client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
     assert!(claim(&client, "w1", 10).await.is_empty());
-    client
-        .execute(
-            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-             WHERE webhook_id = $1",
-            &[&hook],
-        )
-        .await
-        .expect("let the open period pass");
+    pass_open_period(&client, hook).await;
     assert_eq!(claim(&client, "w1", 10).await, [row]);
 }
 
@@ -871,14 +864,7 @@ async fn after_the_open_period_only_one_probe_is_claimed() {
     let hook = webhook(&db).await;
     let rows = insert_many(&client, hook, 3).await;
     client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
-    client
-        .execute(
-            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-             WHERE webhook_id = $1",
-            &[&hook],
-        )
-        .await
-        .expect("let the open period pass");
+    pass_open_period(&client, hook).await;
     let probe = claim(&client, "w1", 10).await;
     assert_eq!(probe, rows[..1], "half-open admits exactly one probe");
     assert!(claim(&client, "w2", 10).await.is_empty(), "no second probe while the first is in flight");
@@ -892,6 +878,18 @@ async fn claim_stops_at_a_webhooks_max_in_flight() {
     let rows = insert_many(&client, hook, 5).await;
     assert_eq!(sorted(claim(&client, "w1", 10).await), rows[..2]);
     assert!(claim(&client, "w2", 10).await.is_empty(), "the webhook is at max_in_flight");
+}
+
+/// Moves a webhook's open period into the past, as if its timeout had run out.
+async fn pass_open_period(client: &Client, webhook_id: i64) {
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
+             WHERE webhook_id = $1",
+            &[&webhook_id],
+        )
+        .await
+        .expect("let the open period pass");
 }
 
 /// What `claim_deliveries` answered: claimed ids (in order) and the held-back reports.
@@ -1083,14 +1081,7 @@ async fn the_probe_closes_the_circuit_on_success_and_reopens_it_on_failure() {
     let rows = insert_many(&client, hook, 4).await;
     let open_once = || async {
         client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("fail");
-        client
-            .execute(
-                "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-                 WHERE webhook_id = $1",
-                &[&hook],
-            )
-            .await
-            .expect("let the open period pass");
+        pass_open_period(&client, hook).await;
     };
     let circuit = || async {
         let row = client
@@ -1121,14 +1112,7 @@ async fn the_probe_closes_the_circuit_on_success_and_reopens_it_on_failure() {
     assert!(claim(&client, "w2", 10).await.is_empty(), "re-opened: nothing is claimed");
 
     // The next probe succeeds: closed, and the rows flow again.
-    client
-        .execute(
-            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-             WHERE webhook_id = $1",
-            &[&hook],
-        )
-        .await
-        .expect("let the open period pass");
+    pass_open_period(&client, hook).await;
     assert_eq!(claim(&client, "w2", 10).await, rows[1..2], "the second probe");
     client.execute("SELECT hookfleet.update_webhook_health($1, 200, 1, NULL, 1, 60)", &[&hook]).await.expect("succeed");
     assert_eq!(circuit().await.0, "closed");
@@ -1183,14 +1167,7 @@ async fn a_lost_probe_is_replaced_after_its_lease() {
     let hook = webhook(&db).await;
     let rows = insert_many(&client, hook, 3).await;
     client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
-    client
-        .execute(
-            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-             WHERE webhook_id = $1",
-            &[&hook],
-        )
-        .await
-        .expect("let the open period pass");
+    pass_open_period(&client, hook).await;
     assert_eq!(claim(&client, "w1", 10).await, rows[..1]);
     assert!(claim(&client, "w2", 10).await.is_empty());
     // The probing worker died: its probe's lease runs out.
