@@ -2306,7 +2306,8 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V4__flow_control",
                 "V5__claim_holds_and_queue_upkeep",
                 "V6__webhook_breaker_overrides",
-                "V7__claim_fixes_and_retention_index"
+                "V7__claim_fixes_and_retention_index",
+                "V8__covering_due_index"
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2357,6 +2358,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V5__claim_holds_and_queue_upkeep".to_owned(),
                 "V6__webhook_breaker_overrides".to_owned(),
                 "V7__claim_fixes_and_retention_index".to_owned(),
+                "V8__covering_due_index".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2370,7 +2372,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
