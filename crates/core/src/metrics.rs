@@ -184,6 +184,43 @@ pub async fn serve(
     Ok((bound, task))
 }
 
+/// One webhook's series, looked up once per worker and webhook rather than once per delivery
+/// (a label lookup takes a lock and formats the id).
+pub struct WebhookMetrics {
+    delivered: IntCounter,
+    retry: IntCounter,
+    dead: IntCounter,
+    retries: IntCounter,
+    duration: Histogram,
+}
+
+impl WebhookMetrics {
+    pub fn new(metrics: &Metrics, webhook_id: i64) -> Self {
+        let label = webhook_id.to_string();
+        Self {
+            delivered: metrics.deliveries_total.with_label_values(&["delivered", &label]),
+            retry: metrics.deliveries_total.with_label_values(&["retry", &label]),
+            dead: metrics.deliveries_total.with_label_values(&["dead", &label]),
+            retries: metrics.retries_total.with_label_values(&[&label]),
+            duration: metrics.delivery_duration_seconds.with_label_values(&[&label]),
+        }
+    }
+
+    /// Counts one attempt with its outcome (`delivered`, `retry` or `dead`) and duration.
+    pub fn attempt(&self, outcome: crate::queue::Outcome, duration: Duration) {
+        use crate::queue::Outcome;
+        match outcome {
+            Outcome::Delivered => self.delivered.inc(),
+            Outcome::Retry => {
+                self.retry.inc();
+                self.retries.inc();
+            }
+            Outcome::Dead => self.dead.inc(),
+        }
+        self.duration.observe(duration.as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

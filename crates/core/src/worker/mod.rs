@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::crypto::Keyring;
 use crate::db::{self, DbError};
 use crate::delivery::{ClientOptions, DeliveryClient, DeliveryError, DeliveryRequest, Response};
-use crate::metrics::{self, Metrics, ReadinessCheck};
+use crate::metrics::{self, Metrics, ReadinessCheck, WebhookMetrics};
 use crate::queue::{
     AttemptRecord, BreakerSettings, Claim, ClaimLimits, ClaimedDelivery, Outcome, Queue, WorkerIdentity,
 };
@@ -288,8 +288,11 @@ impl Engine {
     ) {
         let settings = &self.settings;
         let slots = Arc::new(Semaphore::new(settings.max_in_flight as usize));
-        let busy = Arc::new(Busy::default());
-        let mut cache = cache::WebhookCache::new(self.store.clone());
+        let mut webhooks = PerWebhook {
+            busy: Arc::new(Busy::default()),
+            targets: cache::WebhookCache::new(self.store.clone()),
+            series: HashMap::new(),
+        };
         let mut failures = 0u32;
         loop {
             // Wait for one free slot, then take whatever else is free, up to a batch.
@@ -311,7 +314,7 @@ impl Engine {
                 default_rate_limit_rps: Some(settings.rate_limit_rps),
                 default_rate_limit_burst: settings.rate_limit_burst,
                 webhook_slots: Some(settings.max_in_flight_per_webhook),
-                busy: busy.snapshot(),
+                busy: webhooks.busy.snapshot(),
             };
             let claim =
                 match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits).await {
@@ -341,7 +344,7 @@ impl Engine {
             let drained = deliveries.len() < requested;
             permits.truncate(deliveries.len());
             if !deliveries.is_empty() {
-                self.start_attempts(deliveries, permits, &busy, &mut cache, context, attempts).await;
+                self.start_attempts(deliveries, permits, &mut webhooks, context, attempts).await;
             }
             if drained {
                 // Nothing more may start now: sleep until an INSERT notifies us, the next token of
@@ -391,12 +394,11 @@ impl Engine {
         &self,
         claimed: Vec<ClaimedDelivery>,
         permits: Vec<OwnedSemaphorePermit>,
-        busy: &Arc<Busy>,
-        cache: &mut cache::WebhookCache,
+        webhooks: &mut PerWebhook,
         context: &Arc<AttemptContext>,
         attempts: &TaskTracker,
     ) {
-        let targets = match cache.resolve(&claimed).await {
+        let targets = match webhooks.targets.resolve(&claimed).await {
             Ok(targets) => targets,
             Err(error) => {
                 // Give the rows back untouched rather than burn their retries on our own trouble.
@@ -428,8 +430,13 @@ impl Engine {
             };
             let span =
                 tracing::info_span!("attempt", delivery_id = delivery.delivery_id, webhook_id = delivery.webhook_id);
-            let slot = busy.hold(delivery.webhook_id, permit);
-            attempts.spawn(attempt(context.clone(), delivery, target, slot).instrument(span));
+            let slot = webhooks.busy.hold(delivery.webhook_id, permit);
+            let webhook_metrics = webhooks
+                .series
+                .entry(delivery.webhook_id)
+                .or_insert_with(|| Arc::new(WebhookMetrics::new(&self.metrics, delivery.webhook_id)))
+                .clone();
+            attempts.spawn(attempt(context.clone(), delivery, target, webhook_metrics, slot).instrument(span));
         }
         if !disabled.is_empty() {
             if let Err(error) = self.queue.release(worker_id, &disabled).await {
@@ -448,7 +455,13 @@ impl Engine {
 }
 
 /// One delivery attempt: sign, send, decide, hand the result to the completer.
-async fn attempt(context: Arc<AttemptContext>, mut delivery: ClaimedDelivery, target: Arc<WebhookTarget>, slot: Slot) {
+async fn attempt(
+    context: Arc<AttemptContext>,
+    mut delivery: ClaimedDelivery,
+    target: Arc<WebhookTarget>,
+    webhook_metrics: Arc<WebhookMetrics>,
+    slot: Slot,
+) {
     let metrics = &context.metrics;
     let settings = &context.settings;
     metrics.worker_in_flight.inc();
@@ -481,12 +494,7 @@ async fn attempt(context: Arc<AttemptContext>, mut delivery: ClaimedDelivery, ta
         settings.retry.decide(&result, delivery.retry_count, max_retries, SystemTime::now(), &mut rand::rng());
     let duration = started.elapsed();
 
-    let webhook_label = delivery.webhook_id.to_string();
-    metrics.deliveries_total.with_label_values(&[decision.outcome.as_str(), &webhook_label]).inc();
-    metrics.delivery_duration_seconds.with_label_values(&[&webhook_label]).observe(duration.as_secs_f64());
-    if decision.outcome == Outcome::Retry {
-        metrics.retries_total.with_label_values(&[&webhook_label]).inc();
-    }
+    webhook_metrics.attempt(decision.outcome, duration);
 
     let error_class = retry::error_class(&result).map(str::to_owned);
     let (status_code, error_message, excerpt) = match result {
@@ -639,6 +647,14 @@ where
 
 /// Targets by webhook id, as the cache hands them out.
 type Targets = HashMap<i64, Result<Arc<WebhookTarget>, String>>;
+
+/// What the claim loop keeps per webhook: its attempts in progress, its decrypted target, its
+/// metric series.
+struct PerWebhook {
+    busy: Arc<Busy>,
+    targets: cache::WebhookCache,
+    series: HashMap<i64, Arc<WebhookMetrics>>,
+}
 
 /// This worker's attempts per webhook that still hold their row (started and not yet written
 /// back): what the claim compares with `HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK`.
