@@ -187,6 +187,19 @@ impl TestDatabase {
             .get(0)
     }
 
+    /// `rows` deliveries for `webhook_id` in one producer `INSERT` (bodies `{"n": 1}` … `{"n": rows}`).
+    pub async fn insert_deliveries(&self, webhook_id: i64, rows: i64) {
+        self.client()
+            .await
+            .execute(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                 SELECT $1, jsonb_build_object('n', n) FROM generate_series(1, $2::bigint) n",
+                &[&webhook_id, &rows],
+            )
+            .await
+            .expect("insert deliveries");
+    }
+
     /// A delivery's status, retry count, last status code and last error.
     pub async fn delivery(&self, delivery_id: i64) -> DeliveryState {
         let row = self

@@ -2541,7 +2541,29 @@ async fn producers_of_one_ordering_key_get_ids_in_commit_order() {
     let late = tokio::spawn(async move {
         second.query_one(insert, &[&hook, &serde_json::json!({"seq": 2})]).await.expect("t2").get::<_, i64>(0)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Observed, not guessed at: the second session is seen waiting on the key's advisory lock (from
+    // a session of its own: a transaction sees one snapshot of pg_stat_activity).
+    let watcher = db.client().await;
+    hookfleet_test_support::eventually(
+        Duration::from_secs(10),
+        "the second producer to wait on the key's lock",
+        || {
+            let client = &watcher;
+            async move {
+                let waiting: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                        &[],
+                    )
+                    .await
+                    .expect("pg_stat_activity")
+                    .get(0);
+                (waiting == 1).then_some(())
+            }
+        },
+    )
+    .await;
     assert!(!late.is_finished(), "the second producer of the key must wait for the first");
     // …while another key is not held up.
     let other: i64 = db

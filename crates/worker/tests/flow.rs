@@ -19,18 +19,6 @@ async fn webhook(db: &TestDatabase, new: NewWebhook) -> WebhookView {
     db.create_webhook(NewWebhook { enabled: true, ..new }).await
 }
 
-async fn insert_rows(db: &TestDatabase, webhook_id: i64, rows: i64) {
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
-             SELECT $1, jsonb_build_object('n', n) FROM generate_series(1, $2::bigint) n",
-            &[&webhook_id, &rows],
-        )
-        .await
-        .expect("insert rows");
-}
-
 fn fleet(db: &TestDatabase, workers: usize, overrides: &[(&str, &str)]) -> Vec<WorkerProcess> {
     (1..=workers).map(|n| WorkerProcess::spawn(worker_binary(), db, &format!("w{n}"), overrides)).collect()
 }
@@ -51,7 +39,7 @@ async fn three_workers_hold_a_webhook_to_its_fleet_wide_rate_and_deliver_every_r
     let hook =
         webhook(&db, NewWebhook { url: receiver.url("/limited"), rate_limit_rps: Some(RATE), ..Default::default() })
             .await;
-    insert_rows(&db, hook.webhook_id, ROWS as i64).await;
+    db.insert_deliveries(hook.webhook_id, ROWS as i64).await;
     let workers = fleet(&db, 3, &[]);
 
     let requests = receiver.wait_for(ROWS, Duration::from_secs(90)).await;
@@ -115,7 +103,7 @@ async fn the_breaker_opens_after_the_threshold_probes_once_reopens_and_closes_wi
         NewWebhook { url: receiver.url("/flaky"), max_in_flight: Some(1), max_retries: Some(20), ..Default::default() },
     )
     .await;
-    insert_rows(&db, hook.webhook_id, ROWS).await;
+    db.insert_deliveries(hook.webhook_id, ROWS).await;
     let settings = [("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "3"), ("CIRCUIT_BREAKER_TIMEOUT_SECONDS", "2")];
     let workers = fleet(&db, 3, &settings);
     let client = db.client().await;
@@ -199,7 +187,7 @@ async fn max_in_flight_holds_across_three_workers() {
     let receiver = Receiver::start(|_, _| Reply::status(200).after(HOLD)).await;
     let hook =
         webhook(&db, NewWebhook { url: receiver.url("/narrow"), max_in_flight: Some(2), ..Default::default() }).await;
-    insert_rows(&db, hook.webhook_id, ROWS as i64).await;
+    db.insert_deliveries(hook.webhook_id, ROWS as i64).await;
     let _workers = fleet(&db, 3, &[]);
 
     let requests = receiver.wait_for(ROWS, Duration::from_secs(60)).await;
@@ -233,7 +221,7 @@ async fn hanging_rate_limited_and_open_webhooks_never_delay_a_healthy_one() {
         webhook(&db, NewWebhook { url: failing.url("/fails"), max_retries: Some(50), ..Default::default() }).await;
     let good = webhook(&db, NewWebhook { url: healthy.url("/good"), ..Default::default() }).await;
     for hook in [&slow, &limited, &open] {
-        insert_rows(&db, hook.webhook_id, BACKLOG).await;
+        db.insert_deliveries(hook.webhook_id, BACKLOG).await;
     }
     let _workers = fleet(&db, 2, &[("HTTP_TIMEOUT", "5s"), ("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "3")]);
     eventually(Duration::from_secs(30), "the hanging webhook to hold attempts and the circuit to open", || async {

@@ -565,14 +565,7 @@ async fn a_slow_webhook_with_a_backlog_does_not_delay_a_healthy_webhook() {
     let healthy_hook = webhook(&db, healthy.url("/healthy")).await;
     let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "2s")]);
     let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
-             SELECT $1, jsonb_build_object('n', n) FROM generate_series(1, $2::bigint) n",
-            &[&slow.webhook_id, &BACKLOG],
-        )
-        .await
-        .expect("insert the slow webhook's backlog");
+    db.insert_deliveries(slow.webhook_id, BACKLOG).await;
     eventually(DEADLINE, "the first slow requests", || async { (hostile.seen("/slow-ok") > 0).then_some(()) }).await;
     let inserted = Instant::now();
     let healthy_id = db.insert_delivery(healthy_hook.webhook_id, "{}").await;
