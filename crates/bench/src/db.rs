@@ -84,6 +84,12 @@ pub async fn create(
 impl BenchDb {
     /// `rows` pending rows for the first webhook, in batched INSERTs, then VACUUM ANALYZE.
     pub async fn prefill(&self, rows: u32) -> anyhow::Result<()> {
+        self.insert_pending(rows).await?;
+        self.settle_storage().await
+    }
+
+    /// `rows` pending rows for the first webhook, in batched INSERTs, storage left as it is.
+    pub async fn insert_pending(&self, rows: u32) -> anyhow::Result<()> {
         for first in (0..rows).step_by(PREFILL_BATCH as usize) {
             let last = (first + PREFILL_BATCH).min(rows);
             self.client
@@ -95,7 +101,7 @@ impl BenchDb {
                 )
                 .await?;
         }
-        self.settle_storage().await
+        Ok(())
     }
 
     /// VACUUM ANALYZE the queue and CHECKPOINT, so a run starts from the same storage state and

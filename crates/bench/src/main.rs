@@ -270,6 +270,9 @@ enum Job {
 }
 
 fn one_line(run: &Run) -> String {
+    if run.scenario == "aged" {
+        return run.note.clone();
+    }
     let mut line = format!(
         "{} of {} delivered, {:.0}/s over {:.2} s",
         run.delivered, run.rows, run.deliveries_per_second, run.seconds

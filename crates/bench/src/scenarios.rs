@@ -443,19 +443,12 @@ pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
     let postmaster = db.postmaster_pid().await?;
     db.reset_statements().await?;
     let meter = Meter::start(postmaster, None);
-    let mut command = Command::new(&pgbench);
-    command
-        .arg("-h")
-        .arg(env.server.socket_dir())
-        .arg("-p")
-        .arg(env.server.port().to_string())
-        .args(["-U", "postgres", "-n", "-c", &CEILING_CLIENTS.to_string(), "-j", "2", "-t", &transactions.to_string()])
-        .arg("-f")
-        .arg(&script)
-        .arg(&db.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let command = pgbench_command(
+        env,
+        &db,
+        &script,
+        &["-c", &CEILING_CLIENTS.to_string(), "-j", "2", "-t", &transactions.to_string()],
+    );
     let timeout = env.timeout;
     let (elapsed, output) = tokio::task::spawn_blocking(move || run_bounded(command, timeout)).await??;
     let _ = std::fs::remove_dir_all(&dir);
@@ -494,9 +487,9 @@ const AGED_CLAIM_SQL: &str = "SELECT count(*) FROM hookfleet.claim_deliveries('b
 interval '1 hour', 10, NULL, 128, '{}', '{}');\n";
 /// Claims per measurement, and the due rows put in front of them (twice what they take).
 const AGED_CLAIMS: u32 = 1_000;
-const AGED_PENDING: i64 = 100_000;
-/// Rows inserted and settled per statement while aging the queue.
-const AGED_BATCH: i64 = 100_000;
+const AGED_PENDING: u32 = 100_000;
+/// Rows inserted and settled per round while aging the queue.
+const AGED_BATCH: u32 = 100_000;
 /// Rows per pruning statement, as the workers' prune service uses.
 const AGED_PRUNE_BATCH: u32 = 10_000;
 
@@ -507,20 +500,6 @@ const AGED_PRUNE_BATCH: u32 = 10_000;
 /// (with how fast it pruned them). Before each measurement the previous one's rows are settled.
 pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
     let db = db::create(env.url(), "bench_aged", env.receiver_addr, 1, &[], env.statements).await?;
-    let hook = db.webhook_ids[0];
-    let add_rows = |rows: i64| {
-        let client = &db.client;
-        async move {
-            client
-                .execute(
-                    "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
-                     SELECT $1, jsonb_build_object('n', n, 'pad', repeat('x', $3::int)) \
-                     FROM generate_series(1, $2::bigint) n",
-                    &[&hook, &rows, &(PAD as i32)],
-                )
-                .await
-        }
-    };
     let settle_all = || {
         db.client.execute(
             "UPDATE hookfleet.delivery_queue SET delivery_status = 'delivered', delivered_at = now(), \
@@ -528,17 +507,16 @@ pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
             &[],
         )
     };
-    add_rows(AGED_PENDING).await?;
-    db.client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
+    db.prefill(AGED_PENDING).await?;
     let queue_before = db.queue_size().await?;
     let fresh = claim_latency(env, &db).await?;
 
     let aging = Instant::now();
-    let mut done = 0i64;
-    while done < i64::from(settled) {
+    let mut done = 0u32;
+    while done < settled {
         settle_all().await?;
-        let rows = AGED_BATCH.min(i64::from(settled) - done);
-        add_rows(rows).await?;
+        let rows = AGED_BATCH.min(settled - done);
+        db.insert_pending(rows).await?;
         done += rows;
         if aging.elapsed() > env.timeout {
             bail!("aging the queue took longer than {:?} ({done} of {settled} rows)", env.timeout);
@@ -546,12 +524,12 @@ pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
     }
     settle_all().await?;
     let aging_seconds = aging.elapsed().as_secs_f64();
-    add_rows(AGED_PENDING).await?;
+    db.insert_pending(AGED_PENDING).await?;
     let aged_size = db.queue_size().await?;
     let aged = claim_latency(env, &db).await?;
     settle_all().await?;
     db.client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await?;
-    add_rows(AGED_PENDING).await?;
+    db.insert_pending(AGED_PENDING).await?;
     let vacuumed = claim_latency(env, &db).await?;
     settle_all().await?;
 
@@ -566,10 +544,10 @@ pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
         }
     }
     let prune_seconds = pruning.elapsed().as_secs_f64();
-    add_rows(AGED_PENDING).await?;
+    db.insert_pending(AGED_PENDING).await?;
     let after_prune = claim_latency(env, &db).await?;
 
-    let history = u64::from(settled) + 3 * AGED_PENDING as u64;
+    let history = u64::from(settled) + 3 * u64::from(AGED_PENDING);
     let mut run = Run {
         scenario: "aged".into(),
         label: format!("claim after {} deliveries", crate::report::thousands(u64::from(settled))),
@@ -600,19 +578,7 @@ async fn claim_latency(env: &Env<'_>, db: &BenchDb) -> anyhow::Result<f64> {
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("claim.sql");
     std::fs::write(&script, AGED_CLAIM_SQL)?;
-    let mut command = Command::new(env.server.bindir().join("pgbench"));
-    command
-        .arg("-h")
-        .arg(env.server.socket_dir())
-        .arg("-p")
-        .arg(env.server.port().to_string())
-        .args(["-U", "postgres", "-n", "-c", "1", "-t", &AGED_CLAIMS.to_string()])
-        .arg("-f")
-        .arg(&script)
-        .arg(&db.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let command = pgbench_command(env, db, &script, &["-c", "1", "-t", &AGED_CLAIMS.to_string()]);
     let limit = env.timeout;
     let (_, output) = tokio::task::spawn_blocking(move || run_bounded(command, limit)).await??;
     let _ = std::fs::remove_dir_all(&dir);
@@ -621,6 +587,26 @@ async fn claim_latency(env: &Env<'_>, db: &BenchDb) -> anyhow::Result<f64> {
         .lines()
         .find_map(|line| line.trim().strip_prefix("latency average = ")?.split_whitespace().next()?.parse::<f64>().ok())
         .with_context(|| format!("no `latency average = ` in pgbench's output:\n{stdout}"))
+}
+
+/// pgbench against `db` on the run's server over its socket, running `script` with `args`
+/// (clients, transactions), without vacuuming first.
+fn pgbench_command(env: &Env<'_>, db: &BenchDb, script: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env.server.bindir().join("pgbench"));
+    command
+        .arg("-h")
+        .arg(env.server.socket_dir())
+        .arg("-p")
+        .arg(env.server.port().to_string())
+        .args(["-U", "postgres", "-n"])
+        .args(args)
+        .arg("-f")
+        .arg(script)
+        .arg(&db.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
 }
 
 /// Runs `command` to completion, or kills it after `limit` (then `None`). Blocking.
