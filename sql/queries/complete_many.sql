@@ -51,7 +51,7 @@ attempts AS (
 -- sorted subquery is not flattened, so the function runs in webhook_id order.
 health AS (
     SELECT g.webhook_id,
-           hookfleet.update_webhook_health_many(
+           hookfleet.update_webhook_health_batch(
                g.webhook_id, g.status_codes, g.durations_ms, g.errors,
                -- The webhook's own breaker settings, else the worker's ($14, $15). Subqueries
                -- rather than a join, which could reorder the rows.

@@ -2307,7 +2307,8 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V5__claim_holds_and_queue_upkeep",
                 "V6__webhook_breaker_overrides",
                 "V7__claim_fixes_and_retention_index",
-                "V8__covering_due_index"
+                "V8__covering_due_index",
+                "V9__cheaper_claim_and_write_back"
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2359,6 +2360,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V6__webhook_breaker_overrides".to_owned(),
                 "V7__claim_fixes_and_retention_index".to_owned(),
                 "V8__covering_due_index".to_owned(),
+                "V9__cheaper_claim_and_write_back".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2372,7 +2374,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
@@ -2617,6 +2619,83 @@ async fn health_from_a_batch_folds_its_attempts_in_order() {
     // An empty batch changes nothing but the timestamp.
     assert_eq!(fold(vec![]).await.as_deref(), Some("unavailable"));
     assert_eq!(count(&client, "SELECT total_attempts FROM hookfleet.webhook_health_metrics").await, 7);
+}
+
+/// The write-back's health call: a batch of successes is computed in closed form, anything else is
+/// folded one by one. Either way the row must be what folding the attempts one at a time gives.
+#[tokio::test]
+async fn health_of_a_batch_in_closed_form_equals_the_fold_one_attempt_at_a_time() {
+    let db = database().await;
+    let client = db.client().await;
+    type Attempts = Vec<(Option<i32>, Option<f64>)>;
+    // Each case runs on a webhook without a health row, then again on the row the first left.
+    let cases: Vec<Attempts> = vec![
+        vec![(Some(200), Some(5.0)), (Some(201), None), (Some(204), Some(7.5)), (Some(299), Some(11.0))],
+        vec![(Some(200), None), (Some(200), Some(3.0))],
+        vec![(Some(200), None)],
+        vec![(Some(500), Some(4.0)), (Some(200), Some(2.0)), (None, None), (Some(200), Some(9.0))],
+        (0..100).map(|i| (Some(200), Some(f64::from(i % 7)))).collect(),
+    ];
+    let columns = "total_attempts, successful_attempts, failed_attempts, consecutive_failures, success_rate, \
+                   avg_response_time_ms, last_status_code, health_status, circuit_state, last_success_at IS NOT NULL";
+    for (n, attempts) in cases.iter().enumerate() {
+        let (batched, one_by_one) = (webhook(&db).await, webhook(&db).await);
+        let codes: Vec<Option<i32>> = attempts.iter().map(|(code, _)| *code).collect();
+        let times: Vec<Option<f64>> = attempts.iter().map(|(_, ms)| *ms).collect();
+        let errors: Vec<Option<String>> =
+            codes.iter().map(|code| code.is_none().then(|| "timeout".to_owned())).collect();
+        for _round in 0..2 {
+            let status: Option<String> = client
+                .query_one(
+                    "SELECT hookfleet.update_webhook_health_batch($1, $2, $3, $4, 5, 60)",
+                    &[&batched, &codes, &times, &errors],
+                )
+                .await
+                .expect("batch")
+                .get(0);
+            let mut last = None;
+            for i in 0..codes.len() {
+                last = client
+                    .query_one(
+                        "SELECT hookfleet.update_webhook_health_many($1, $2, $3, $4, 5, 60)",
+                        &[&one_by_one, &vec![codes[i]], &vec![times[i]], &vec![errors[i].clone()]],
+                    )
+                    .await
+                    .expect("one attempt")
+                    .get::<_, Option<String>>(0);
+            }
+            assert_eq!(status, last, "case {n}");
+            let row = |hook: i64| {
+                let client = &client;
+                async move {
+                    client
+                        .query_one(
+                            &format!("SELECT {columns} FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1"),
+                            &[&hook],
+                        )
+                        .await
+                        .expect("health row")
+                }
+            };
+            let (a, b) = (row(batched).await, row(one_by_one).await);
+            for column in [0, 1, 2] {
+                assert_eq!(a.get::<_, i64>(column), b.get::<_, i64>(column), "case {n}, column {column}");
+            }
+            assert_eq!(a.get::<_, i32>(3), b.get::<_, i32>(3), "case {n}: consecutive failures");
+            for column in [4, 5] {
+                let (x, y) = (a.get::<_, Option<f64>>(column), b.get::<_, Option<f64>>(column));
+                assert!(
+                    x.zip(y).is_some_and(|(x, y)| (x - y).abs() < 1e-9) || (x.is_none() && y.is_none()),
+                    "case {n}, column {column}: {x:?} vs {y:?}"
+                );
+            }
+            assert_eq!(a.get::<_, Option<i32>>(6), b.get::<_, Option<i32>>(6), "case {n}: last status");
+            for column in [7, 8] {
+                assert_eq!(a.get::<_, String>(column), b.get::<_, String>(column), "case {n}, column {column}");
+            }
+            assert_eq!(a.get::<_, bool>(9), b.get::<_, bool>(9), "case {n}: last success");
+        }
+    }
 }
 
 #[tokio::test]
