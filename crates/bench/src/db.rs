@@ -225,15 +225,19 @@ impl BenchDb {
                 "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP \
                             (ORDER BY extract(epoch FROM last_attempt_at - created_at) * 1000), \
                         percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP \
-                            (ORDER BY extract(epoch FROM delivered_at - last_attempt_at) * 1000) \
+                            (ORDER BY extract(epoch FROM delivered_at - last_attempt_at) * 1000), \
+                        (SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY duration_ms) \
+                         FROM hookfleet.delivery_attempts) \
                  FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'",
                 &[],
             )
             .await?;
-        let (wait, settle): (Option<Vec<f64>>, Option<Vec<f64>>) = (row.get(0), row.get(1));
-        Ok(match (wait.as_deref(), settle.as_deref()) {
-            (Some(&[wait_p50, wait_p99]), Some(&[settle_p50, settle_p99])) => {
-                Some(LatencySplit { wait_p50, wait_p99, settle_p50, settle_p99 })
+        // Each column is [p50, p99], or NULL when nothing was delivered.
+        let percentiles = |column: usize| row.get::<_, Option<Vec<f64>>>(column);
+        let (wait, settle, http) = (percentiles(0), percentiles(1), percentiles(2));
+        Ok(match (wait.as_deref(), settle.as_deref(), http.as_deref()) {
+            (Some(&[wait_p50, wait_p99]), Some(&[settle_p50, settle_p99]), Some(&[http_p50, http_p99])) => {
+                Some(LatencySplit { wait_p50, wait_p99, settle_p50, settle_p99, http_p50, http_p99 })
             }
             _ => None,
         })
@@ -255,11 +259,11 @@ impl BenchDb {
         let rows = self
             .client
             .query(
-                "SELECT calls, total_exec_time, rows, toplevel, \
+                "SELECT calls, total_exec_time + total_plan_time, total_plan_time, rows, toplevel, \
                         left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
                  FROM pg_stat_statements \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 ORDER BY total_exec_time DESC LIMIT $1",
+                 ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
                 &[&limit],
             )
             .await?;
@@ -271,10 +275,11 @@ impl BenchDb {
                 Statement {
                     calls,
                     total_ms,
+                    plan_ms: row.get(2),
                     mean_ms: total_ms / calls.max(1) as f64,
-                    rows: row.get(2),
-                    toplevel: row.get(3),
-                    query: row.get(4),
+                    rows: row.get(3),
+                    toplevel: row.get(4),
+                    query: row.get(5),
                 }
             })
             .collect())
@@ -290,20 +295,26 @@ impl BenchDb {
     }
 }
 
-/// Latency by the database's clock, ms: created → attempt started, attempt started → settled.
+/// Latency by the database's clock, ms: created → attempt started, attempt started → settled, and
+/// the HTTP attempt itself as the worker timed it.
 #[derive(Serialize, Clone, Copy, Debug)]
 pub struct LatencySplit {
     pub wait_p50: f64,
     pub wait_p99: f64,
     pub settle_p50: f64,
     pub settle_p99: f64,
+    pub http_p50: f64,
+    pub http_p99: f64,
 }
 
 /// One line of pg_stat_statements.
 #[derive(Serialize, Clone, Debug)]
 pub struct Statement {
     pub calls: i64,
+    /// Planning and execution.
     pub total_ms: f64,
+    /// Of which planning (`pg_stat_statements.track_planning`).
+    pub plan_ms: f64,
     pub mean_ms: f64,
     pub rows: i64,
     /// false: run inside a function (its time is also inside the caller's).

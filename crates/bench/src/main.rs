@@ -30,11 +30,12 @@ use clap::{Parser, ValueEnum};
 use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
 
 use crate::report::Run;
-use crate::scenarios::{Env, Load, Paced};
+use crate::scenarios::{Cycle, Env, Load, Paced};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Ceiling,
+    Contract,
     Aged,
     Drain,
     Steady,
@@ -50,7 +51,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Which scenarios to run, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,drain,steady,outbox,fanout,aged")]
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,contract,drain,steady,outbox,fanout,aged")]
     scenarios: Vec<Scenario>,
     /// Worker counts of the drain runs, one drain each.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
@@ -91,11 +92,12 @@ struct Args {
     /// The producers' pacing tick: every tick inserts what the rate made due.
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     tick: Duration,
-    /// Worker BATCH_SIZE.
-    #[arg(long, default_value_t = 50)]
+    /// Worker BATCH_SIZE: the ceiling's claim size.
+    #[arg(long, default_value_t = 100)]
     batch_size: u32,
-    /// Worker HOOKFLEET_MAX_IN_FLIGHT.
-    #[arg(long, default_value_t = 256)]
+    /// Worker HOOKFLEET_MAX_IN_FLIGHT: enough that a single webhook (half of it) is not held back
+    /// by its per-webhook cap at loopback latencies.
+    #[arg(long, default_value_t = 1024)]
     max_in_flight: u32,
     /// Load pg_stat_statements (track = all) and report each run's top statements by execution
     /// time: where PostgreSQL's time goes. Adds a little overhead to every statement.
@@ -145,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         }
         settings.push(("shared_preload_libraries".into(), "pg_stat_statements".into()));
         settings.push(("pg_stat_statements.track".into(), "all".into()));
+        settings.push(("pg_stat_statements.track_planning".into(), "on".into()));
     }
     println!("starting a throwaway PostgreSQL (durable) …");
     let options = EmbeddedOptions { durable: true, stop_when_process_exits: Some(std::process::id()), settings };
@@ -188,7 +191,8 @@ async fn main() -> anyhow::Result<()> {
     for &scenario in &args.scenarios {
         let mut plan: Vec<(String, Job)> = Vec::new();
         match scenario {
-            Scenario::Ceiling => plan.push((format!("ceiling, {ceiling_rows} rows"), Job::Ceiling)),
+            Scenario::Ceiling => plan.push((format!("ceiling, {ceiling_rows} rows"), Job::Ceiling(Cycle::Ceiling))),
+            Scenario::Contract => plan.push((format!("contract, {ceiling_rows} rows"), Job::Ceiling(Cycle::Contract))),
             Scenario::Aged => plan.push((format!("aged, {aged_rows} settled rows"), Job::Aged)),
             Scenario::Drain => {
                 for &workers in &args.workers {
@@ -230,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{title} …");
             let began = std::time::Instant::now();
             let result = match &job {
-                Job::Ceiling => scenarios::ceiling(&env, ceiling_rows).await,
+                Job::Ceiling(cycle) => scenarios::ceiling(&env, ceiling_rows, *cycle).await,
                 Job::Aged => scenarios::aged(&env, aged_rows).await,
                 Job::Drain(workers) => scenarios::drain(&env, rows, *workers).await,
                 Job::Paced(paced) => scenarios::paced(&env, paced).await,
@@ -263,7 +267,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 enum Job {
-    Ceiling,
+    Ceiling(Cycle),
     Aged,
     Drain(u32),
     Paced(Paced),

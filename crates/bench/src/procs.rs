@@ -146,6 +146,18 @@ pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id()).unwrap_or(0.0)
 }
 
+/// The whole machine's CPU time so far, in ticks: (busy, total) over every core, from the first
+/// line of /proc/stat. Idle and iowait count as not busy.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest time is already inside user).
+    let fields: Vec<u64> = line.split_whitespace().take(8).filter_map(|f| f.parse().ok()).collect();
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else { return None };
+    let busy = user + nice + system + irq + softirq + steal;
+    Some((busy, busy + idle + iowait))
+}
+
 /// The parent of a process (for a backend: the postmaster).
 pub fn parent(pid: u32) -> Option<u32> {
     stat_fields(&pid.to_string())?.get(1)?.parse().ok()

@@ -27,6 +27,8 @@ pub struct Run {
     pub deliveries_per_second: f64,
     /// `deliveries_per_second` / the ceiling's rows/s (drain only).
     pub ratio_to_ceiling: Option<f64>,
+    /// `deliveries_per_second` / the contract cycle's rows/s (drain only).
+    pub ratio_to_contract: Option<f64>,
     /// Offered producer rate (rows or, for fanout, deliveries per second).
     pub offered_rate: Option<f64>,
     /// What the producer actually inserted per second.
@@ -44,6 +46,9 @@ pub struct Run {
     pub postgres_cpu_seconds_per_1000: Option<f64>,
     /// This process: receiver, producers and polling.
     pub bench_cpu_seconds_per_1000: Option<f64>,
+    /// The whole machine's CPU use over the measured window, % of all cores: near 100, the run
+    /// was bound by the machine rather than by waiting.
+    pub machine_busy_percent: Option<f64>,
     /// Largest VmHWM of any worker, MB.
     pub worker_rss_peak_mb: Option<f64>,
     /// Largest VmRSS of any worker at the end of the run, MB.
@@ -123,13 +128,15 @@ pub fn thousands(value: u64) -> String {
     out
 }
 
-/// Fills in each drain's ratio to the ceiling (when the ceiling ran).
+/// Fills in each drain's ratios to the ceiling and to the contract cycle (those that ran).
 pub fn apply_ceiling(runs: &mut [Run]) {
-    let ceiling = runs.iter().find(|r| r.scenario == "ceiling").map(|r| r.deliveries_per_second);
-    if let Some(ceiling) = ceiling.filter(|c| *c > 0.0) {
-        for run in runs.iter_mut().filter(|r| r.scenario == "drain") {
-            run.ratio_to_ceiling = Some(run.deliveries_per_second / ceiling);
-        }
+    let rate = |scenario: &str| {
+        runs.iter().find(|r| r.scenario == scenario).map(|r| r.deliveries_per_second).filter(|c| *c > 0.0)
+    };
+    let (ceiling, contract) = (rate("ceiling"), rate("contract"));
+    for run in runs.iter_mut().filter(|r| r.scenario == "drain") {
+        run.ratio_to_ceiling = ceiling.map(|c| run.deliveries_per_second / c);
+        run.ratio_to_contract = contract.map(|c| run.deliveries_per_second / c);
     }
 }
 
@@ -214,7 +221,7 @@ pub fn targets(runs: &[Run]) -> Vec<Target> {
     });
     let cpu: Vec<String> = runs
         .iter()
-        .filter(|r| r.scenario != "ceiling")
+        .filter(|r| r.workers > 0)
         .filter_map(|r| Some(format!("{} {:.3}", r.label, r.worker_cpu_seconds_per_1000?)))
         .collect();
     out.push(Target {
@@ -263,21 +270,22 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
     );
     md.push_str("## Throughput and latency\n\n");
     md.push_str(
-        "| run | workers | rows | delivered | s | deliveries/s | × ceiling | offered/s | inserted/s | p50 ms | p95 ms | p99 ms | max ms | settled s | duplicates |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| run | workers | rows | delivered | s | deliveries/s | × ceiling | × contract | offered/s | inserted/s | p50 ms | p95 ms | p99 ms | max ms | settled s | duplicates |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs.iter().filter(|r| r.scenario != "aged") {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {}{} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}{} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
-            if r.scenario == "ceiling" { "pgbench -c 3".to_owned() } else { r.workers.to_string() },
+            if r.workers == 0 { "pgbench -c 3".to_owned() } else { r.workers.to_string() },
             thousands(r.rows),
             thousands(r.delivered),
             if r.complete { "" } else { " (incomplete)" },
             r.seconds,
             r.deliveries_per_second,
             r.ratio_to_ceiling.map_or_else(|| "—".to_owned(), |x| format!("{:.0} %", x * 100.0)),
+            r.ratio_to_contract.map_or_else(|| "—".to_owned(), |x| format!("{:.0} %", x * 100.0)),
             opt(r.offered_rate, 0),
             opt(r.achieved_rate, 0),
             opt(r.latency_p50_ms, 1),
@@ -307,32 +315,42 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
         md.push_str(
             "\n## Where the latency goes (database timestamps, ms)\n\n\
              `created_at` is the producer's transaction start, `last_attempt_at` the worker's start of the \
-             HTTP attempt, `delivered_at` the commit of its write-back.\n\n\
-             | run | created → attempt p50 | p99 | attempt → settled p50 | p99 |\n|---|---|---|---|---|\n",
+             HTTP attempt, `delivered_at` the commit of its write-back; the HTTP attempt is the worker's \
+             own timing (`delivery_attempts.duration_ms`). In a drain, created → attempt is time spent in \
+             the backlog.\n\n\
+             | run | created → attempt p50 | p99 | attempt → settled p50 | p99 | of which HTTP p50 | p99 |\n\
+             |---|---|---|---|---|---|---|\n",
         );
         for r in runs {
             if let Some(split) = r.latency_split_ms {
                 let _ = writeln!(
                     md,
-                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                    r.label, split.wait_p50, split.wait_p99, split.settle_p50, split.settle_p99
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.label,
+                    split.wait_p50,
+                    split.wait_p99,
+                    split.settle_p50,
+                    split.settle_p99,
+                    split.http_p50,
+                    split.http_p99
                 );
             }
         }
     }
     md.push_str("\n## Resources\n\n");
     md.push_str(
-        "| run | worker CPU s / 1000 | PostgreSQL CPU s / 1000 | bench CPU s / 1000 | worker RSS peak MB | worker RSS end MB | queue before MB (total / indexes) | queue after MB (total / indexes) | dead tuples after |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| run | worker CPU s / 1000 | PostgreSQL CPU s / 1000 | bench CPU s / 1000 | machine CPU busy | worker RSS peak MB | worker RSS end MB | queue before MB (total / indexes) | queue after MB (total / indexes) | dead tuples after |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
             opt(r.worker_cpu_seconds_per_1000, 3),
             opt(r.postgres_cpu_seconds_per_1000, 3),
             opt(r.bench_cpu_seconds_per_1000, 3),
+            r.machine_busy_percent.map_or_else(|| "—".to_owned(), |p| format!("{p:.0} %")),
             opt(r.worker_rss_peak_mb, 1),
             opt(r.worker_rss_end_mb, 1),
             size(r.queue_before),
@@ -346,21 +364,22 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
     }
     if runs.iter().any(|r| !r.statements.is_empty()) {
         md.push_str(
-            "\n## Where PostgreSQL's time goes (pg_stat_statements, track = all)\n\n\
+            "\n## Where PostgreSQL's time goes (pg_stat_statements, track = all, planning included)\n\n\
              Statements run inside a function (top level: no) are also counted in their caller.\n",
         );
         for r in runs.iter().filter(|r| !r.statements.is_empty()) {
             let total: f64 = r.statements.iter().filter(|s| s.toplevel).map(|s| s.total_ms).sum();
             let _ = writeln!(
                 md,
-                "\n### {}\n\n| total ms | share of top level | calls | mean ms | rows | top level | statement |\n|---|---|---|---|---|---|---|",
+                "\n### {}\n\n| total ms | of which planning | share of top level | calls | mean ms | rows | top level | statement |\n|---|---|---|---|---|---|---|---|",
                 r.label
             );
             for s in &r.statements {
                 let _ = writeln!(
                     md,
-                    "| {:.0} | {:.0} % | {} | {:.3} | {} | {} | `{}` |",
+                    "| {:.0} | {:.0} | {:.0} % | {} | {:.3} | {} | {} | `{}` |",
                     s.total_ms,
+                    s.plan_ms,
                     s.total_ms / total.max(1e-9) * 100.0,
                     thousands(s.calls.max(0) as u64),
                     s.mean_ms,

@@ -57,6 +57,7 @@ struct Meter {
     workers: f64,
     server: f64,
     bench: f64,
+    machine: Option<(u64, u64)>,
 }
 
 impl Meter {
@@ -66,6 +67,7 @@ impl Meter {
             workers: fleet.map_or(0.0, Fleet::cpu_seconds),
             server: procs::server_cpu_seconds(postmaster),
             bench: procs::own_cpu_seconds(),
+            machine: procs::machine_ticks(),
         }
     }
 
@@ -80,6 +82,11 @@ impl Meter {
         }
         run.postgres_cpu_seconds_per_1000 = Some(per_1000(procs::server_cpu_seconds(self.postmaster) - self.server));
         run.bench_cpu_seconds_per_1000 = Some(per_1000(procs::own_cpu_seconds() - self.bench));
+        if let (Some((busy_before, total_before)), Some((busy, total))) = (self.machine, procs::machine_ticks()) {
+            if total > total_before {
+                run.machine_busy_percent = Some((busy - busy_before) as f64 / (total - total_before) as f64 * 100.0);
+            }
+        }
     }
 }
 
@@ -135,7 +142,7 @@ async fn wait_for_settled(db: &BenchDb, deadline: Instant) -> anyhow::Result<Opt
 
 /// After the workers stopped: dead tuples and the queue's size, then the database goes.
 async fn close(env: &Env<'_>, db: BenchDb, run: &mut Run) -> anyhow::Result<()> {
-    run.statements = db.top_statements(8).await?;
+    run.statements = db.top_statements(20).await?;
     run.dead_tuples_after = Some(db.dead_tuples().await?);
     run.queue_after = Some(db.queue_size().await?);
     db.drop_database(env.url()).await
@@ -178,6 +185,7 @@ pub async fn drain(env: &Env<'_>, rows: u32, workers: u32) -> anyhow::Result<Run
     if !run.complete {
         run.note = format!("stopped after {:?}; {}", env.timeout, run.note);
     }
+    run.latency_split_ms = db.latency_split().await?;
     close(env, db, &mut run).await?;
     Ok(run)
 }
@@ -410,13 +418,41 @@ WHERE delivery_status = 'pending' AND next_attempt_at <= now() \
 ORDER BY priority DESC, next_attempt_at, delivery_id LIMIT 100 FOR UPDATE SKIP LOCKED) \
 UPDATE hookfleet.delivery_queue q SET delivery_status = 'delivered', delivered_at = now() \
 FROM c WHERE q.delivery_id = c.delivery_id;\n";
+/// The writes the data model asks of every delivery, by pgbench, in two transactions per batch as
+/// a worker commits them: claim 100 due rows into `in_flight` under a lease; then settle them,
+/// record one attempt row each and add them to the webhook's health row, in one statement. No
+/// HTTP, no flow control: what PostgreSQL can do for this schema's contract on this machine.
+const CONTRACT_SQL: &str = "WITH c AS (SELECT delivery_id FROM hookfleet.delivery_queue \
+WHERE delivery_status = 'pending' AND next_attempt_at <= now() \
+ORDER BY priority DESC, next_attempt_at, delivery_id LIMIT 100 FOR UPDATE SKIP LOCKED) \
+UPDATE hookfleet.delivery_queue q SET delivery_status = 'in_flight', locked_by = 'pgbench-' || :client_id, \
+locked_until = now() + interval '60 seconds' FROM c WHERE q.delivery_id = c.delivery_id;\n\
+WITH s AS (UPDATE hookfleet.delivery_queue q SET delivery_status = 'delivered', delivered_at = now(), \
+last_attempt_at = now(), last_status_code = 200, locked_by = NULL, locked_until = NULL \
+WHERE q.locked_by = 'pgbench-' || :client_id AND q.delivery_status = 'in_flight' \
+RETURNING q.delivery_id, q.webhook_id), \
+a AS (INSERT INTO hookfleet.delivery_attempts (delivery_id, webhook_id, attempt_number, worker_id, started_at, \
+duration_ms, status_code, outcome) SELECT delivery_id, webhook_id, 1, 'pgbench', clock_timestamp(), 1.0, 200, \
+'delivered' FROM s RETURNING webhook_id) \
+UPDATE hookfleet.webhook_health_metrics h SET total_attempts = h.total_attempts + n.attempts, \
+successful_attempts = h.successful_attempts + n.attempts, last_success_at = now(), updated_at = now() \
+FROM (SELECT webhook_id, count(*) AS attempts FROM a GROUP BY webhook_id) n WHERE h.webhook_id = n.webhook_id;\n";
 const CEILING_CLIENTS: u32 = 3;
 const CEILING_CLAIM: u32 = 100;
 
-/// **ceiling**: PostgreSQL's own claim→complete rate for this schema on this machine, measured by
-/// pgbench (`-c 3 -j 2`, `-t` bounded so the clients never run out of rows) against a queue
-/// pre-filled like the drain's; rows/s = tps × 100.
-pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
+/// Which claim → complete cycle pgbench measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cycle {
+    /// The issue's ceiling: claim and mark delivered in one statement.
+    Ceiling,
+    /// The data model's writes: lease, settle, attempt row, health.
+    Contract,
+}
+
+/// **ceiling** and **contract**: PostgreSQL's own claim→complete rate for this schema on this
+/// machine, measured by pgbench (`-c 3 -j 2`, `-t` bounded so the clients never run out of rows)
+/// against a queue pre-filled like the drain's; rows/s = tps × 100.
+pub async fn ceiling(env: &Env<'_>, rows: u32, cycle: Cycle) -> anyhow::Result<Run> {
     let pgbench = env.server.bindir().join("pgbench");
     if !pgbench.exists() {
         bail!(
@@ -424,12 +460,26 @@ pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
             pgbench.display()
         );
     }
-    let db = db::create(env.url(), "bench_ceiling", env.receiver_addr, 1, &[], env.statements).await?;
+    let (scenario, label, sql) = match cycle {
+        Cycle::Ceiling => ("ceiling", "ceiling (pgbench claim 100 + mark delivered)", CEILING_SQL),
+        Cycle::Contract => {
+            ("contract", "contract (pgbench claim 100 to in_flight; settle + attempt rows + health)", CONTRACT_SQL)
+        }
+    };
+    let db = db::create(env.url(), &format!("bench_{scenario}"), env.receiver_addr, 1, &[], env.statements).await?;
     db.prefill(rows).await?;
+    if cycle == Cycle::Contract {
+        db.client
+            .batch_execute(
+                "INSERT INTO hookfleet.webhook_health_metrics (webhook_id) SELECT webhook_id FROM hookfleet.webhooks \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+    }
     let transactions = (rows / CEILING_CLAIM / CEILING_CLIENTS).max(1);
     let mut run = Run {
-        scenario: "ceiling".into(),
-        label: "ceiling (pgbench claim 100 + mark delivered)".into(),
+        scenario: scenario.into(),
+        label: label.into(),
         workers: 0,
         rows: u64::from(transactions * CEILING_CLAIM * CEILING_CLIENTS),
         queue_before: Some(db.queue_size().await?),
@@ -438,7 +488,7 @@ pub async fn ceiling(env: &Env<'_>, rows: u32) -> anyhow::Result<Run> {
     let dir = std::env::temp_dir().join(format!("hookfleet-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("claim_complete.sql");
-    std::fs::write(&script, CEILING_SQL)?;
+    std::fs::write(&script, sql)?;
 
     let postmaster = db.postmaster_pid().await?;
     db.reset_statements().await?;
