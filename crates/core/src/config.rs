@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
 use secrecy::SecretString;
 
 /// One row of the settings table: the README's configuration table and `--help` come from it.
@@ -268,10 +269,18 @@ const DB_POOL_SIZE: SettingDoc = SettingDoc {
     default: "8",
     description: "PostgreSQL connections per process (1 to 256).",
 };
+const CA_CERTIFICATES: SettingDoc = SettingDoc {
+    env: "HOOKFLEET_CA_CERTIFICATES",
+    key: "ca_certificates",
+    default: "",
+    description: "Path of a PEM file of CA certificates that receivers' TLS certificates may \
+                  chain to, besides the public (webpki) roots: for receivers behind a private \
+                  CA. Unset: public roots only.",
+};
 
 /// Every setting, in the order the docs list them. The loader can only see environment
 /// variables and file keys listed here (see [`Config::from_env_map`]).
-static SETTINGS: [SettingDoc; 34] = [
+static SETTINGS: [SettingDoc; 35] = [
     CONFIG_FILE,
     DATABASE_URL,
     BATCH_SIZE,
@@ -306,6 +315,7 @@ static SETTINGS: [SettingDoc; 34] = [
     RESPONSE_BODY_CAP,
     HEARTBEAT_INTERVAL,
     DB_POOL_SIZE,
+    CA_CERTIFICATES,
 ];
 
 /// How log lines are written (`LOG_FORMAT`).
@@ -361,6 +371,8 @@ pub struct Config {
     pub response_body_cap: usize,
     pub heartbeat_interval: Duration,
     pub db_pool_size: u32,
+    /// `HOOKFLEET_CA_CERTIFICATES`, read and checked at load: trusted besides the public roots.
+    pub ca_certificates: Vec<CertificateDer<'static>>,
 }
 
 /// Why the configuration was refused. Every message names the setting (or `HOOKFLEET_CONFIG`
@@ -532,8 +544,29 @@ impl Config {
             response_body_cap: reader.value(&RESPONSE_BODY_CAP, |text| whole_number(text, 0, 16 * 1024 * 1024))?,
             heartbeat_interval,
             db_pool_size: reader.value(&DB_POOL_SIZE, |text| whole_number(text, 1, 256))?,
+            ca_certificates: reader.optional(&CA_CERTIFICATES, ca_certificates)?.unwrap_or_default(),
         })
     }
+}
+
+/// Reads a PEM file of CA certificates and checks that each can anchor a chain, so that a wrong
+/// file stops start-up here rather than every TLS delivery later.
+fn ca_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = std::fs::read(path).map_err(|error| format!("cannot read {path:?}: {error}"))?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{path:?} is not a PEM file of certificates: {error}"))?;
+    if certificates.is_empty() {
+        return Err(format!("{path:?} holds no certificate (expected -----BEGIN CERTIFICATE----- blocks)"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (index, certificate) in certificates.iter().enumerate() {
+        roots
+            .add(certificate.clone())
+            .map_err(|error| format!("certificate {} of {path:?} cannot be a trust anchor: {error}", index + 1))?;
+    }
+    Ok(certificates)
 }
 
 /// Parses a duration: a number of seconds (`1.5`, `2`) or a humantime string (`200ms`, `5s`,
@@ -899,6 +932,7 @@ mod tests {
         assert_eq!(config.response_body_cap, 65_536);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.db_pool_size, 8);
+        assert!(config.ca_certificates.is_empty());
     }
 
     /// One non-default value for every setting except HOOKFLEET_CONFIG.
@@ -936,6 +970,8 @@ mod tests {
         ("HOOKFLEET_RESPONSE_BODY_CAP", "0"),
         ("HOOKFLEET_HEARTBEAT_INTERVAL", "10s"),
         ("HOOKFLEET_DB_POOL_SIZE", "256"),
+        // A CA certificate only (its key was discarded when it was made).
+        ("HOOKFLEET_CA_CERTIFICATES", concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/private-ca.pem")),
     ];
 
     #[test]
@@ -977,6 +1013,7 @@ mod tests {
         assert_eq!(config.response_body_cap, 0);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(config.db_pool_size, 256);
+        assert_eq!(config.ca_certificates.len(), 1);
     }
 
     #[test]
@@ -1308,6 +1345,47 @@ mod tests {
         let message = error(&pairs);
         for secret in ["hunter2", "current-key", "old-1", "bootstrap-key"] {
             assert!(!message.contains(secret), "{message}");
+        }
+    }
+
+    #[test]
+    fn ca_certificates_are_read_and_checked_at_load() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, contents: &[u8]| {
+            let path = directory.path().join(name);
+            std::fs::write(&path, contents).expect("write");
+            path.to_string_lossy().into_owned()
+        };
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).expect("ca");
+        let second =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("params").self_signed(&key).expect("second");
+
+        let two = write("two.pem", format!("{}\n{}", ca.pem(), second.pem()).as_bytes());
+        let config = load(&[("HOOKFLEET_CA_CERTIFICATES", &two)]).expect("valid");
+        assert_eq!(config.ca_certificates, vec![ca.der().clone(), second.der().clone()]);
+        assert!(load(&[]).expect("defaults").ca_certificates.is_empty());
+
+        let missing = directory.path().join("absent.pem").to_string_lossy().into_owned();
+        let empty = write("empty.pem", b"no certificates here\n");
+        let key_only = write("key.pem", key.serialize_pem().as_bytes());
+        let broken = write("broken.pem", b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n");
+        let not_der = write("garbage.pem", b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n");
+        for (path, expected) in [
+            (&missing, "cannot read"),
+            (&empty, "holds no certificate"),
+            (&key_only, "holds no certificate"),
+            (&broken, "is not a PEM file of certificates"),
+            (&not_der, "cannot be a trust anchor"),
+        ] {
+            let message = error(&[("HOOKFLEET_CA_CERTIFICATES", path)]);
+            assert!(
+                message.starts_with("invalid HOOKFLEET_CA_CERTIFICATES (file key \"ca_certificates\"): "),
+                "{message}"
+            );
+            assert!(message.contains(expected), "{path}: {message}");
         }
     }
 

@@ -26,6 +26,9 @@ use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
 use hookfleet_core::webhooks::{NewWebhook, WebhookStore, WebhookView};
 use secrecy::SecretString;
 
+mod tls;
+pub use tls::{LoopbackTls, TlsListener};
+
 const TEMPLATE: &str = "hookfleet_template";
 
 /// One PostgreSQL server per test binary and its migrated template.
@@ -330,6 +333,8 @@ struct ReceiverState {
 /// A loopback HTTP receiver on 127.0.0.1 that records every request.
 pub struct Receiver {
     pub addr: SocketAddr,
+    /// `http`, or `https` for [`Receiver::start_tls`].
+    scheme: &'static str,
     state: Arc<ReceiverState>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -349,11 +354,26 @@ impl Receiver {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, state, server }
+        Self { addr, scheme: "http", state, server }
+    }
+
+    /// The same over HTTPS (HTTP/2 or HTTP/1.1, as ALPN decides) with a certificate from `tls`'s CA.
+    pub async fn start_tls(
+        tls: &LoopbackTls,
+        responder: impl Fn(&ReceivedRequest, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let state = Arc::new(ReceiverState { requests: Mutex::new(Vec::new()), responder: Box::new(responder) });
+        let app = axum::Router::new().fallback(receive).with_state(state.clone());
+        let listener = tls.bind().await.expect("bind TLS receiver");
+        let addr = axum::serve::Listener::local_addr(&listener).expect("receiver address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, scheme: "https", state, server }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub fn requests(&self) -> Vec<ReceivedRequest> {

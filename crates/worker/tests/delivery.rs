@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use hookfleet_core::webhooks::{NewWebhook, WebhookView};
-use hookfleet_test_support::{database, eventually, verify_with_python, Receiver, Reply, TestDatabase, WorkerProcess};
+use hookfleet_test_support::{
+    database, eventually, verify_with_python, LoopbackTls, Receiver, Reply, TestDatabase, WorkerProcess,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -524,4 +526,53 @@ async fn consecutive_failures_open_the_circuit_and_later_rows_wait_untouched() {
     let (status, retries, _, _) = db.delivery(waiting).await;
     assert_eq!((status.as_str(), retries), ("pending", 0));
     assert_eq!(receiver.requests().len(), 3, "nothing was sent while the circuit is open");
+}
+
+/// A receiver whose certificate comes from a private CA: with the public roots only, the attempt
+/// fails as `tls` and nothing reaches the receiver; once the worker is told to trust the CA with
+/// `HOOKFLEET_CA_CERTIFICATES`, the row is delivered, over HTTP/2 (ALPN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_is_trusted_through_the_setting_and_http2_is_used() {
+    let db = database().await;
+    let tls = LoopbackTls::generate().expect("loopback CA");
+    let receiver = Receiver::start_tls(&tls, |_, _| Reply::status(200)).await;
+    let hook = webhook(&db, receiver.url("/hook")).await;
+    let client = db.client().await;
+
+    let first = db.insert_delivery(hook.webhook_id, r#"{"n":1}"#).await;
+    let mut untrusting = WorkerProcess::spawn(worker_binary(), &db, "w-public-roots", &[]);
+    eventually(DEADLINE, "an attempt that failed the TLS handshake", || {
+        let client = &client;
+        async move {
+            let classes: Vec<Option<String>> = client
+                .query("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&first])
+                .await
+                .expect("attempts")
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            (!classes.is_empty()).then_some(classes)
+        }
+    })
+    .await
+    .iter()
+    .for_each(|class| assert_eq!(class.as_deref(), Some("tls")));
+    untrusting.signal("TERM");
+    assert!(untrusting.wait(DEADLINE).await.success(), "{}", untrusting.log());
+    assert!(receiver.requests().is_empty(), "no request passes an untrusted handshake");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = tls.write_ca(dir.path()).expect("CA file");
+    let ca = ca.to_str().expect("utf-8 path");
+    let _trusting = WorkerProcess::spawn(worker_binary(), &db, "w-private-ca", &[("HOOKFLEET_CA_CERTIFICATES", ca)]);
+    let second = db.insert_delivery(hook.webhook_id, r#"{"n":2}"#).await;
+    for delivery_id in [first, second] {
+        db.wait_for_status(delivery_id, "delivered").await;
+    }
+    let requests = receiver.requests();
+    assert!(requests.len() >= 2, "{} requests", requests.len());
+    for request in &requests {
+        assert_eq!(request.version, http::Version::HTTP_2);
+        verify_with_python(hook.secret.as_deref().expect("secret"), request).expect("signed as over HTTP/1.1");
+    }
 }

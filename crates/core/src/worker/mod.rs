@@ -180,7 +180,7 @@ pub fn client_options(config: &Config) -> ClientOptions {
         connect_timeout: config.connect_timeout.min(config.http_timeout),
         response_body_cap: config.response_body_cap,
         user_agent: format!("hookfleet/{}", crate::VERSION),
-        extra_root_certificates: Vec::new(),
+        extra_root_certificates: config.ca_certificates.clone(),
     }
 }
 
