@@ -1,7 +1,6 @@
 //! Database side of a run: a fresh migrated database per scenario, webhooks pointing at the
 //! receiver, pre-filled queues, and the queue's size and dead tuples.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,11 +29,12 @@ pub struct BenchDb {
 }
 
 /// Creates database `name` (dropping a leftover), migrates it and creates `webhooks` webhooks
-/// pointing at `http://<receiver>/w/<n>`, subscribed to `event_types` (empty: every event).
+/// pointing at `<receiver>/w/<n>` (`receiver` is the receiver's base URL), subscribed to
+/// `event_types` (empty: every event).
 pub async fn create(
     server_url: impl Fn(&str) -> String,
     name: &str,
-    receiver: SocketAddr,
+    receiver: &str,
     webhooks: u16,
     event_types: &[&str],
     statements: bool,
@@ -65,7 +65,7 @@ pub async fn create(
             .create(
                 NewWebhook {
                     name: Some(format!("bench-{n}")),
-                    url: format!("http://{receiver}/w/{n}"),
+                    url: format!("{receiver}/w/{n}"),
                     event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
                     enabled: true,
                     // A limit that never binds: the limiter's bookkeeping is measured, not its waits.

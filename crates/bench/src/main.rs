@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
+use hookfleet_test_support::LoopbackTls;
 
 use crate::report::Run;
 use crate::scenarios::{Cycle, Env, Load, Paced};
@@ -41,6 +42,12 @@ enum Scenario {
     Steady,
     Outbox,
     Fanout,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ReceiverKind {
+    Http1,
+    Http2,
 }
 
 #[derive(Parser)]
@@ -99,6 +106,10 @@ struct Args {
     /// by its per-webhook cap at loopback latencies.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: u32,
+    /// What the loopback receiver speaks: HTTP/1.1 keep-alive, or HTTPS where ALPN picks HTTP/2
+    /// (a throwaway CA the workers trust through HOOKFLEET_CA_CERTIFICATES).
+    #[arg(long, value_enum, default_value = "http1")]
+    receiver: ReceiverKind,
     /// Load pg_stat_statements (track = all) and report each run's top statements by execution
     /// time: where PostgreSQL's time goes. Adds a little overhead to every statement.
     #[arg(long)]
@@ -157,7 +168,17 @@ async fn main() -> anyhow::Result<()> {
         .query_one("SHOW server_version", &[])
         .await?
         .get(0);
-    let (receiver, receiver_addr) = receiver::Receiver::start().await?;
+    // The CA file lives as long as this process needs it; the directory goes when it drops.
+    let ca_dir = tempfile::tempdir()?;
+    let (tls, ca_file) = match args.receiver {
+        ReceiverKind::Http1 => (None, None),
+        ReceiverKind::Http2 => {
+            let tls = LoopbackTls::generate()?;
+            let ca_file = tls.write_ca(ca_dir.path())?;
+            (Some(tls), Some(ca_file))
+        }
+    };
+    let (receiver, receiver_url) = receiver::Receiver::start(tls.as_ref()).await?;
     let context = report::Context {
         started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -171,12 +192,18 @@ async fn main() -> anyhow::Result<()> {
         paced_seconds: duration.as_secs_f64(),
         settle_timeout_seconds: settle_timeout.as_secs_f64(),
         timeout_seconds: timeout.as_secs_f64(),
-        receiver: "HTTP/1.1 keep-alive (axum); HTTP/2 needs TLS with a private CA, which the worker cannot trust yet",
+        receiver: match args.receiver {
+            ReceiverKind::Http1 => "HTTP/1.1 keep-alive (axum)",
+            ReceiverKind::Http2 => {
+                "HTTP/2 over TLS (axum, ALPN h2; the workers trust the bench's throwaway CA through HOOKFLEET_CA_CERTIFICATES)"
+            }
+        },
     };
     let env = Env {
         server: &server,
         receiver,
-        receiver_addr,
+        receiver_url,
+        ca_file,
         worker_binary,
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,

@@ -19,6 +19,8 @@ pub struct WorkerSpec<'a> {
     pub encryption_key: &'a str,
     pub batch_size: u32,
     pub max_in_flight: u32,
+    /// `HOOKFLEET_CA_CERTIFICATES`: the receiver's throwaway CA when it speaks HTTPS.
+    pub ca_certificates: Option<&'a Path>,
 }
 
 /// N running `hookfleet-worker` processes; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -42,6 +44,7 @@ impl Fleet {
                 .env("HOOKFLEET_MAX_IN_FLIGHT", spec.max_in_flight.to_string())
                 .env("HOOKFLEET_SHUTDOWN_GRACE", "5s")
                 .env("LOG_LEVEL", "warn")
+                .envs(spec.ca_certificates.map(|path| ("HOOKFLEET_CA_CERTIFICATES", path)))
                 .env_remove("HOOKFLEET_CONFIG")
                 .env_remove("RUST_LOG")
                 .stdin(Stdio::null());

@@ -1,10 +1,9 @@
-//! The loopback receiver: an axum server (HTTP/1.1 keep-alive) in this process that answers 200 to
-//! everything and records each request's webhook (the URL path `/w/<n>`), `webhook-id`, arrival
+//! The loopback receiver: an axum server in this process (HTTP/1.1 keep-alive, or HTTPS with a
+//! throwaway CA where ALPN picks HTTP/2) that answers 200 to everything and records each request's webhook (the URL path `/w/<n>`), `webhook-id`, arrival
 //! time and, when the body carries the producer's `sent_at_us`, the enqueue→arrival latency
 //! measured against this process's own clock (same machine, same clock as the producer).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -12,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use hookfleet_test_support::LoopbackTls;
 use serde::Deserialize;
 
 /// One request as the receiver saw it.
@@ -36,14 +36,29 @@ struct Probe {
 }
 
 impl Receiver {
-    /// Serves on an ephemeral loopback port until the process exits.
-    pub async fn start() -> anyhow::Result<(Arc<Receiver>, SocketAddr)> {
+    /// Serves on an ephemeral loopback port until the process exits, over TLS with `tls`'s
+    /// certificate when given; returns the base URL (`http://127.0.0.1:<port>` or `https://…`).
+    pub async fn start(tls: Option<&LoopbackTls>) -> anyhow::Result<(Arc<Receiver>, String)> {
         let receiver = Arc::new(Receiver::default());
         let app = axum::Router::new().fallback(receive).with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok((receiver, addr))
+        let base = match tls {
+            None => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(async move { axum::serve(listener, app).await });
+                format!("http://{addr}")
+            }
+            Some(tls) => {
+                let listener = tls.bind().await?;
+                let addr = axum::serve::Listener::local_addr(&listener)?;
+                tokio::spawn(async move { axum::serve(listener, app).await });
+                format!("https://{addr}")
+            }
+        };
+        Ok((receiver, base))
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Arrival>> {

@@ -2,7 +2,6 @@
 //! rows and seconds, and returns its figures as a [`Run`] (an incomplete run is reported as such,
 //! never turned into a failure).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -22,7 +21,10 @@ use crate::report::Run;
 pub struct Env<'a> {
     pub server: &'a EmbeddedPostgres,
     pub receiver: Arc<Receiver>,
-    pub receiver_addr: SocketAddr,
+    /// The receiver's base URL, `http://…` or `https://…`.
+    pub receiver_url: String,
+    /// The receiver's CA certificate file when it speaks HTTPS.
+    pub ca_file: Option<PathBuf>,
     pub worker_binary: PathBuf,
     pub batch_size: u32,
     pub max_in_flight: u32,
@@ -47,6 +49,7 @@ impl Env<'_> {
             encryption_key: &db.encryption_key,
             batch_size: self.batch_size,
             max_in_flight: self.max_in_flight,
+            ca_certificates: self.ca_file.as_deref(),
         }
     }
 }
@@ -152,7 +155,7 @@ async fn close(env: &Env<'_>, db: BenchDb, run: &mut Run) -> anyhow::Result<()> 
 /// the first to the last arrival.
 pub async fn drain(env: &Env<'_>, rows: u32, workers: u32) -> anyhow::Result<Run> {
     let db =
-        db::create(env.url(), &format!("bench_drain_{workers}"), env.receiver_addr, 1, &[], env.statements).await?;
+        db::create(env.url(), &format!("bench_drain_{workers}"), &env.receiver_url, 1, &[], env.statements).await?;
     db.prefill(rows).await?;
     let mut run = Run {
         scenario: "drain".into(),
@@ -234,7 +237,7 @@ pub async fn paced(env: &Env<'_>, paced: &Paced) -> anyhow::Result<Run> {
     let db = db::create(
         env.url(),
         &format!("bench_{name}_{}", paced.rate as u64),
-        env.receiver_addr,
+        &env.receiver_url,
         paced.webhooks,
         events,
         env.statements,
@@ -466,7 +469,7 @@ pub async fn ceiling(env: &Env<'_>, rows: u32, cycle: Cycle) -> anyhow::Result<R
             ("contract", "contract (pgbench claim 100 to in_flight; settle + attempt rows + health)", CONTRACT_SQL)
         }
     };
-    let db = db::create(env.url(), &format!("bench_{scenario}"), env.receiver_addr, 1, &[], env.statements).await?;
+    let db = db::create(env.url(), &format!("bench_{scenario}"), &env.receiver_url, 1, &[], env.statements).await?;
     db.prefill(rows).await?;
     if cycle == Cycle::Contract {
         db.client
@@ -549,7 +552,7 @@ const AGED_PRUNE_BATCH: u32 = 10_000;
 /// versions each, as the fleet does); after VACUUM; and after retention pruned the settled rows
 /// (with how fast it pruned them). Before each measurement the previous one's rows are settled.
 pub async fn aged(env: &Env<'_>, settled: u32) -> anyhow::Result<Run> {
-    let db = db::create(env.url(), "bench_aged", env.receiver_addr, 1, &[], env.statements).await?;
+    let db = db::create(env.url(), "bench_aged", &env.receiver_url, 1, &[], env.statements).await?;
     let settle_all = || {
         db.client.execute(
             "UPDATE hookfleet.delivery_queue SET delivery_status = 'delivered', delivered_at = now(), \
