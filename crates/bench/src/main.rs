@@ -5,6 +5,8 @@
 //!
 //! - **ceiling**: pgbench runs the bare claim→complete statement on a pre-filled queue: what
 //!   PostgreSQL itself can do with this schema here, the yardstick of the drains.
+//! - **contract**: pgbench runs only the writes the data model asks of each delivery (lease,
+//!   settle, attempt row, health), in two transactions per batch: what hookfleet adds on top.
 //! - **drain**: a pre-filled queue drained by 1, then 3 workers.
 //! - **steady**, **outbox**, **fanout**: producers at a fixed offered rate (multi-row INSERTs,
 //!   transactions of 10 INSERTs, `hookfleet.publish` to 10 webhooks) with the workers running;
@@ -12,8 +14,9 @@
 //! - **aged**: the workers' claim measured by pgbench in a fresh table, after 1,000,000 rows went
 //!   through the queue, after VACUUM, and after retention pruned them.
 //!
-//! Every run also reports worker, PostgreSQL and bench CPU per 1,000 deliveries, worker RSS, the
-//! queue's size and dead tuples, and duplicates. Figures go to stdout and, as JSON and Markdown,
+//! Every run also reports worker, PostgreSQL and bench CPU per 1,000 deliveries, how busy the
+//! machine was, worker RSS, the queue's size and dead tuples, and duplicates. The receiver speaks
+//! HTTP/1.1, or HTTP/2 over TLS with `--receiver http2`. Figures go to stdout and, as JSON and Markdown,
 //! to `bench/results/<timestamp>.{json,md}`. Targets are reported next to them, never asserted.
 
 mod db;
@@ -51,7 +54,9 @@ enum ReceiverKind {
 }
 
 #[derive(Parser)]
-#[command(about = "Measure hookfleet on this machine: ceiling, drain, steady, outbox, fanout and aged scenarios")]
+#[command(
+    about = "Measure hookfleet on this machine: ceiling, contract, drain, steady, outbox, fanout and aged scenarios"
+)]
 struct Args {
     /// Small sizes for a smoke run of well under a minute (once built): 10,000 drain rows, 5 s per
     /// paced run, tighter bounds. Explicit options still win.
