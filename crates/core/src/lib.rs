@@ -21,6 +21,8 @@ pub mod crypto;
 pub mod db;
 pub mod delivery;
 pub mod demo;
+#[cfg(any(test, feature = "loopback-tls"))]
+pub mod loopback_tls;
 pub mod metrics;
 pub mod pg_embedded;
 pub mod queue;

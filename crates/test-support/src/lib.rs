@@ -26,8 +26,7 @@ use hookfleet_core::pg_embedded::{EmbeddedOptions, EmbeddedPostgres};
 use hookfleet_core::webhooks::{NewWebhook, WebhookStore, WebhookView};
 use secrecy::SecretString;
 
-mod tls;
-pub use tls::{LoopbackTls, TlsListener};
+pub use hookfleet_core::loopback_tls::{LoopbackTls, TlsListener};
 
 const TEMPLATE: &str = "hookfleet_template";
 

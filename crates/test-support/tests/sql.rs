@@ -833,12 +833,7 @@ async fn claim_skips_a_webhook_whose_circuit_is_open_without_touching_its_rows()
     let broken_rows = insert_many(&client, broken, 2).await;
     let healthy_rows = insert_many(&client, healthy, 2).await;
     // Threshold 1: this one failure opens the circuit for 60 s.
-    let opened: Option<String> = client
-        .query_one("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&broken])
-        .await
-        .expect("open the circuit")
-        .get(0);
-    assert_eq!(opened.as_deref(), Some("unavailable"));
+    assert_eq!(open_circuit(&client, broken).await.as_deref(), Some("unavailable"));
     let before = rows_of(&client, &broken_rows).await;
     assert_eq!(sorted(claim(&client, "w1", 10).await), healthy_rows, "the other webhook is not held back");
     assert!(claim(&client, "w1", 10).await.is_empty());
@@ -851,7 +846,7 @@ async fn claim_resumes_once_circuit_open_until_has_passed() {
     let client = db.client().await;
     let hook = webhook(&db).await;
     let row = insert(&client, hook).await;
-    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
+    open_circuit(&client, hook).await;
     assert!(claim(&client, "w1", 10).await.is_empty());
     pass_open_period(&client, hook).await;
     assert_eq!(claim(&client, "w1", 10).await, [row]);
@@ -863,7 +858,7 @@ async fn after_the_open_period_only_one_probe_is_claimed() {
     let client = db.client().await;
     let hook = webhook(&db).await;
     let rows = insert_many(&client, hook, 3).await;
-    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
+    open_circuit(&client, hook).await;
     pass_open_period(&client, hook).await;
     let probe = claim(&client, "w1", 10).await;
     assert_eq!(probe, rows[..1], "half-open admits exactly one probe");
@@ -881,6 +876,15 @@ async fn claim_stops_at_a_webhooks_max_in_flight() {
 }
 
 /// Moves a webhook's open period into the past, as if its timeout had run out.
+/// One failure with threshold 1: the webhook's circuit opens for 60 s. Returns its health status.
+async fn open_circuit(client: &Client, webhook_id: i64) -> Option<String> {
+    client
+        .query_one("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&webhook_id])
+        .await
+        .expect("open the circuit")
+        .get(0)
+}
+
 async fn pass_open_period(client: &Client, webhook_id: i64) {
     client
         .execute(
@@ -1080,7 +1084,7 @@ async fn the_probe_closes_the_circuit_on_success_and_reopens_it_on_failure() {
     let hook = webhook(&db).await;
     let rows = insert_many(&client, hook, 4).await;
     let open_once = || async {
-        client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("fail");
+        open_circuit(&client, hook).await;
         pass_open_period(&client, hook).await;
     };
     let circuit = || async {
@@ -1166,7 +1170,7 @@ async fn a_lost_probe_is_replaced_after_its_lease() {
     let client = db.client().await;
     let hook = webhook(&db).await;
     let rows = insert_many(&client, hook, 3).await;
-    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&hook]).await.expect("open");
+    open_circuit(&client, hook).await;
     pass_open_period(&client, hook).await;
     assert_eq!(claim(&client, "w1", 10).await, rows[..1]);
     assert!(claim(&client, "w2", 10).await.is_empty());
@@ -1194,7 +1198,7 @@ async fn a_webhook_held_back_costs_other_webhooks_nothing_in_the_claim() {
     for hook in [open, limited, disabled] {
         insert_many(&client, hook, 20_000).await;
     }
-    client.execute("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&open]).await.expect("open");
+    open_circuit(&client, open).await;
     assert_eq!(claim(&client, "w1", 10).await.len(), 1, "the limited webhook's single token");
     client.execute("ANALYZE hookfleet.delivery_queue", &[]).await.expect("analyze");
     let row = insert(&client, healthy).await;

@@ -1040,36 +1040,10 @@ mod tests {
         }
     }
 
-    /// A throwaway CA and a leaf for `localhost` / 127.0.0.1 signed by it.
+    /// A throwaway CA and the server side of a leaf for `localhost` / 127.0.0.1 signed by it.
     fn test_pki() -> (CertificateDer<'static>, tokio_rustls::TlsAcceptor) {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-        let ca_key = KeyPair::generate().expect("ca key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "hookfleet test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let leaf_key = KeyPair::generate().expect("leaf key");
-        let mut leaf_params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("leaf params");
-        leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-        let leaf_cert = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf_cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-            )
-            .expect("server config");
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        (ca_cert.der().clone(), tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+        let tls = crate::loopback_tls::LoopbackTls::generate().expect("loopback PKI");
+        (tls.ca_der.clone(), tls.acceptor())
     }
 
     #[tokio::test]

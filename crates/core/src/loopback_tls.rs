@@ -1,6 +1,7 @@
-//! Loopback HTTPS for tests and the benchmark: a throwaway CA, a certificate for `localhost` and
-//! 127.0.0.1 signed by it, and a listener that lets `axum::serve` speak TLS with ALPN `h2` and
-//! `http/1.1`. Workers trust the CA through `HOOKFLEET_CA_CERTIFICATES`; nothing else does.
+//! Loopback HTTPS for tests and the benchmark (feature `loopback-tls`, never in the shipped
+//! binaries): a throwaway CA, a certificate for `localhost` and 127.0.0.1 signed by it, and a
+//! listener that lets `axum::serve` speak TLS with ALPN `h2` and `http/1.1`. Workers trust the CA
+//! through `HOOKFLEET_CA_CERTIFICATES`; nothing else does.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -18,11 +19,22 @@ use tokio_rustls::TlsAcceptor;
 pub struct LoopbackTls {
     /// The CA certificate, PEM: what a worker's `HOOKFLEET_CA_CERTIFICATES` file holds.
     pub ca_pem: String,
+    /// The same certificate, DER: what `ClientOptions::extra_root_certificates` takes.
+    pub ca_der: CertificateDer<'static>,
     acceptor: TlsAcceptor,
 }
 
+/// Why a throwaway PKI could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopbackTlsError {
+    #[error("cannot make the loopback certificates: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("cannot configure loopback TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
 impl LoopbackTls {
-    pub fn generate() -> anyhow::Result<Self> {
+    pub fn generate() -> Result<Self, LoopbackTlsError> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -44,7 +56,12 @@ impl LoopbackTls {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
             )?;
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Self { ca_pem: ca.pem(), acceptor: TlsAcceptor::from(Arc::new(server)) })
+        Ok(Self { ca_pem: ca.pem(), ca_der: ca.der().clone(), acceptor: TlsAcceptor::from(Arc::new(server)) })
+    }
+
+    /// The server side: completes handshakes with the loopback certificate.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
     }
 
     /// Writes the CA certificate to `dir/loopback-ca.pem` and returns the path.
