@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use hookfleet_core::config::Config;
-use hookfleet_test_support::{database, empty_database};
+use hookfleet_test_support::{cluster, database, empty_database, TestDatabase};
 
 fn hookfleet(env: &HashMap<String, String>, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hookfleet"))
@@ -53,7 +53,205 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         .expect("setting")
         .get(0);
     assert_eq!(limit, "1000", "migrate writes HOOKFLEET_MAX_BODY_BYTES into the database");
-    assert_eq!(db.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet'").await, 8);
+    // The schema's own tables; refinery's history lives beside them (checked separately).
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet' AND tablename <> 'refinery_schema_history'"
+        )
+        .await,
+        8
+    );
+    assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
+}
+
+/// The versions of the embedded migrations (`sql/V*.sql`), ascending.
+fn migration_versions() -> Vec<i32> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql");
+    let mut versions: Vec<i32> = std::fs::read_dir(dir)
+        .expect("sql directory")
+        .filter_map(|entry| {
+            let name = entry.expect("sql entry").file_name().into_string().ok()?;
+            let (version, _) = name.strip_prefix('V')?.split_once("__")?;
+            version.parse().ok()
+        })
+        .collect();
+    versions.sort_unstable();
+    versions
+}
+
+/// The migration history exists exactly once, at `hookfleet.refinery_schema_history`, and records
+/// every embedded migration once.
+async fn assert_history_recorded_once_in_the_hookfleet_schema(db: &TestDatabase) {
+    let client = db.client().await;
+    let places: Vec<String> = client
+        .query(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'refinery_schema_history' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("history tables")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(places, ["hookfleet"], "the history lives in one place");
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM hookfleet.refinery_schema_history ORDER BY version", &[])
+        .await
+        .expect("history")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, migration_versions(), "every migration is recorded once");
+}
+
+/// The README's setup: an empty database owned by a login role named `hookfleet` that is not a
+/// superuser. Returns the database (its `client()` and `count()` connect as the superuser, for
+/// checks) and the environment that runs `hookfleet` as the `hookfleet` role, whose default
+/// `search_path` (`"$user", public`) finds the `hookfleet` schema once it exists. `None` (the
+/// test says so and passes) against `HOOKFLEET_TEST_DATABASE_URL`, where we cannot know how the
+/// new role would authenticate; the embedded server trusts every local role.
+async fn database_owned_by_hookfleet(test: &str) -> Option<(TestDatabase, HashMap<String, String>)> {
+    if cluster().embedded().is_none() {
+        eprintln!(
+            "{test}: skipped, HOOKFLEET_TEST_DATABASE_URL names a server where the hookfleet role may not log in"
+        );
+        return None;
+    }
+    let db = empty_database().await;
+    let admin = db.client().await;
+    // Roles are cluster-wide and this binary's tests run in parallel: create it once, whoever
+    // comes first (a concurrent CREATE ROLE can fail either way).
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE hookfleet LOGIN NOSUPERUSER; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+        )
+        .await
+        .expect("create role hookfleet");
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} OWNER TO hookfleet", db.name))
+        .await
+        .expect("hand the database over");
+    let superuser: bool =
+        admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'hookfleet'", &[]).await.expect("role").get(0);
+    assert!(!superuser, "the hookfleet role must not be a superuser");
+    let mut env = db.env();
+    // Later key=value pairs override earlier ones.
+    env.insert("DATABASE_URL".into(), format!("{} user=hookfleet", db.url));
+    Some((db, env))
+}
+
+/// Connects as the role `env` runs `hookfleet` as.
+async fn connect_as(env: &HashMap<String, String>) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&env["DATABASE_URL"], tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_runs_twice_as_a_role_named_hookfleet() {
+    let Some((db, env)) = database_owned_by_hookfleet("migrate_runs_twice_as_a_role_named_hookfleet").await else {
+        return;
+    };
+    let first = ok(hookfleet(&env, &["migrate"]));
+    assert!(first.starts_with(&format!("applied {} migration(s)", migration_versions().len())), "{first}");
+    let second = ok(hookfleet(&env, &["migrate"]));
+    assert!(second.contains("schema is up to date"), "{second}");
+    assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
+    let owner: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE schemaname = 'hookfleet' AND tablename = 'settings'",
+            &[],
+        )
+        .await
+        .expect("settings table")
+        .get(0);
+    assert_eq!(owner, "hookfleet", "the schema was made by the hookfleet role");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_runs_concurrently_twice_over_as_a_role_named_hookfleet() {
+    let test = "migrate_runs_concurrently_twice_over_as_a_role_named_hookfleet";
+    let Some((db, env)) = database_owned_by_hookfleet(test).await else {
+        return;
+    };
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let env = env.clone();
+                std::thread::spawn(move || hookfleet(&env, &["migrate"]))
+            })
+            .collect();
+        outputs.extend(runs.into_iter().map(|run| ok(run.join().expect("thread"))));
+    }
+    let applied = outputs.iter().filter(|output| output.starts_with("applied")).count();
+    assert_eq!(applied, 1, "exactly one of four runs applies the migrations: {outputs:?}");
+    let current = outputs.iter().filter(|output| output.contains("schema is up to date")).count();
+    assert_eq!(current, 3, "{outputs:?}");
+    assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_adopts_the_history_earlier_releases_left_in_public() {
+    let test = "migrate_adopts_the_history_earlier_releases_left_in_public";
+    let Some((db, env)) = database_owned_by_hookfleet(test).await else {
+        return;
+    };
+    ok(hookfleet(&env, &["migrate"]));
+    let admin = db.client().await;
+
+    // Where earlier releases put it: unqualified, in the first schema of the search_path, which
+    // was `public` on the first run.
+    admin.batch_execute("ALTER TABLE hookfleet.refinery_schema_history SET SCHEMA public").await.expect("move back");
+    let upgraded = ok(hookfleet(&env, &["migrate"]));
+    assert!(upgraded.contains("schema is up to date"), "nothing is applied again: {upgraded}");
+    assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
+
+    // The state a failed second run of those releases left: the full history in `public` and an
+    // empty one, made by refinery's CREATE TABLE IF NOT EXISTS as the hookfleet role, in
+    // `hookfleet`.
+    admin.batch_execute("ALTER TABLE hookfleet.refinery_schema_history SET SCHEMA public").await.expect("move back");
+    connect_as(&env)
+        .await
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS refinery_schema_history( \
+             version int4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255))",
+        )
+        .await
+        .expect("the empty history of a failed run");
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.refinery_schema_history").await, 0);
+    let repaired = ok(hookfleet(&env, &["migrate"]));
+    assert!(repaired.contains("schema is up to date"), "nothing is applied again: {repaired}");
+    assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.settings").await, 1, "V0001 did not run again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_leaves_another_applications_history_in_public_alone() {
+    let test = "migrate_leaves_another_applications_history_in_public_alone";
+    let Some((db, env)) = database_owned_by_hookfleet(test).await else {
+        return;
+    };
+    // refinery's default table name, used by some other application in the same database.
+    connect_as(&env)
+        .await
+        .batch_execute(
+            "CREATE TABLE public.refinery_schema_history( \
+             version int4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255), checksum VARCHAR(255)); \
+             INSERT INTO public.refinery_schema_history VALUES (1, 'schema', '2024-01-01T00:00:00Z', '42')",
+        )
+        .await
+        .expect("another application's history");
+    let output = ok(hookfleet(&env, &["migrate"]));
+    assert!(output.starts_with("applied"), "{output}");
+    assert_eq!(db.count("SELECT count(*) FROM public.refinery_schema_history WHERE checksum = '42'").await, 1);
+    let versions = db.count("SELECT count(*) FROM hookfleet.refinery_schema_history").await;
+    assert_eq!(versions, migration_versions().len() as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

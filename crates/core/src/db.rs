@@ -12,6 +12,14 @@ refinery::embed_migrations!("../../sql");
 /// Any two `hookfleet migrate` runs (a CLI and the compose job, say) serialise on this lock.
 const MIGRATION_LOCK_KEY: i64 = 0x686f_6f6b_666c_6565; // "hookflee"
 
+/// Where refinery records the applied migrations: always schema-qualified. Refinery pastes the
+/// name into its SQL as is, and left unqualified (its default) the table is created in, and read
+/// from, the first schema of the session's `search_path`. For a role named `hookfleet` that
+/// `search_path` (`"$user", public`) means `public` on the first run, before the `hookfleet`
+/// schema exists, and `hookfleet` on every later run: an empty history there, V0001 applied
+/// again, `relation "settings" already exists`.
+const HISTORY_TABLE: &str = "hookfleet.refinery_schema_history";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("DATABASE_URL is not set: point it at the PostgreSQL database hookfleet should use")]
@@ -130,7 +138,10 @@ async fn apply_migrations(
     client: &mut tokio_postgres::Client,
     max_body_bytes: u32,
 ) -> Result<MigrationReport, DbError> {
-    let report = migrations::runner().run_async(client).await?;
+    let mut runner = migrations::runner();
+    runner.set_migration_table_name(HISTORY_TABLE);
+    adopt_unqualified_history(client, &runner).await?;
+    let report = runner.run_async(client).await?;
     let applied = report.applied_migrations().iter().map(|migration| migration.to_string()).collect();
     client
         .execute(
@@ -141,4 +152,75 @@ async fn apply_migrations(
         )
         .await?;
     Ok(MigrationReport { applied })
+}
+
+/// Prepares [`HISTORY_TABLE`] before refinery runs, under the migration lock and in one
+/// transaction, so that concurrent runs see either the old layout or the new one, never half.
+///
+/// Releases before the history was qualified left it at `public.refinery_schema_history` (the
+/// first schema of the default `search_path` when the `hookfleet` schema did not exist yet, or
+/// for any role without a schema of its own name). Such a history moves into the `hookfleet`
+/// schema, replacing the empty one a failed second run of those releases left there. A history in
+/// `public` is taken only when it records this project's V0001 (version, name and checksum):
+/// `refinery_schema_history` is refinery's default name, and another application sharing the
+/// database may own one. A non-empty `hookfleet.refinery_schema_history` is never replaced.
+async fn adopt_unqualified_history(
+    client: &mut tokio_postgres::Client,
+    runner: &refinery::Runner,
+) -> Result<(), DbError> {
+    let transaction = client.transaction().await?;
+    // Refinery creates its table before V0001 could create the schema. Checked first because
+    // `CREATE SCHEMA IF NOT EXISTS` demands the database's CREATE privilege even when the schema
+    // exists, which a role that only owns the schema may lack.
+    let schema_exists: bool = transaction
+        .query_one("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'hookfleet')", &[])
+        .await?
+        .get(0);
+    if !schema_exists {
+        transaction.batch_execute("CREATE SCHEMA IF NOT EXISTS hookfleet").await?;
+    }
+    // The catalog, not `to_regclass`: an unqualified name would resolve through `search_path`.
+    let present: Vec<String> = transaction
+        .query(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'refinery_schema_history' AND c.relkind = 'r' AND n.nspname IN ('public', 'hookfleet')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !present.iter().any(|schema| schema == "public") {
+        return Ok(transaction.commit().await?);
+    }
+    let Some(first) = runner.get_migrations().iter().min_by_key(|migration| migration.version()) else {
+        return Ok(transaction.commit().await?);
+    };
+    let ours: bool = transaction
+        .query_one(
+            "SELECT EXISTS (SELECT FROM public.refinery_schema_history WHERE version = $1 AND name = $2 AND checksum = $3)",
+            &[&first.version(), &first.name(), &first.checksum().to_string()],
+        )
+        .await?
+        .get(0);
+    if !ours {
+        return Ok(transaction.commit().await?);
+    }
+    if present.iter().any(|schema| schema == "hookfleet") {
+        let empty: bool = transaction
+            .query_one("SELECT NOT EXISTS (SELECT FROM hookfleet.refinery_schema_history)", &[])
+            .await?
+            .get(0);
+        if !empty {
+            tracing::warn!(
+                "both public.refinery_schema_history and {HISTORY_TABLE} hold migrations; using {HISTORY_TABLE} \
+                 and leaving the one in public alone"
+            );
+            return Ok(transaction.commit().await?);
+        }
+        transaction.batch_execute("DROP TABLE hookfleet.refinery_schema_history").await?;
+    }
+    transaction.batch_execute("ALTER TABLE public.refinery_schema_history SET SCHEMA hookfleet").await?;
+    tracing::info!("moved the migration history from public.refinery_schema_history to {HISTORY_TABLE}");
+    Ok(transaction.commit().await?)
 }
