@@ -1,12 +1,17 @@
 -- Write back one batch of attempts in one statement: settle each attempted row, record every
 -- attempt, and update each webhook's health from the attempts recorded.
 -- Settling is fenced on this worker *and* the claim's locked_until, so a result that arrives after
--- its lease expired never settles a later claim of the row (by any worker, this one included).
+-- its lease expired never settles a later claim of the row (by any worker, this one included). A
+-- row the lease rescue returned to pending (or dead) keeps that claim's locked_by and
+-- locked_until until it is claimed again, so a late result still settles it: the attempt really
+-- happened, and a success must not be lost to a rescue. A success also settles a dead letter
+-- whichever claim sent it: a dead letter must never hide a delivery.
 -- Attempts are recorded even when the lease was lost, because the HTTP request really happened;
 -- ON CONFLICT makes a batch retried after a lost commit reply record each attempt once, and health
 -- counts only the attempts this statement inserted.
--- Health rows are written once per webhook, in webhook_id order, so that concurrent batches from
--- several workers always lock them in the same order and cannot deadlock.
+-- Locks follow the one order of hookfleet.webhooks_lock_before_delete: the queue rows first, in
+-- delivery_id order, then the health rows, once per webhook, in webhook_id order, so that
+-- concurrent batches from several workers and a webhook's deletion cannot deadlock.
 WITH input AS (
     SELECT *
     FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::integer[], $6::float8[], $7::integer[],
@@ -15,6 +20,15 @@ WITH input AS (
          AS i(delivery_id, webhook_id, outcome, retry_count, retry_delay_ms, attempt_number,
               status_code, started_at, duration_ms, error_class, error_message, response_excerpt,
               locked_until)
+),
+locked AS (
+    SELECT q.delivery_id
+    FROM hookfleet.delivery_queue q
+    WHERE q.delivery_id = ANY ($2::bigint[])
+      -- Only rows this batch may settle: never wait for a row another worker or session owns.
+      AND (q.locked_by = $1::text OR q.delivery_status = 'dead')
+    ORDER BY q.delivery_id
+    FOR UPDATE
 ),
 settled AS (
     UPDATE hookfleet.delivery_queue q
@@ -30,10 +44,12 @@ settled AS (
         locked_by = NULL,
         locked_until = NULL
     FROM input i
+    JOIN locked l ON l.delivery_id = i.delivery_id
     WHERE q.delivery_id = i.delivery_id
-      AND q.locked_by = $1::text
-      AND q.locked_until = i.locked_until
-      AND q.delivery_status = 'in_flight'
+      AND ((q.locked_by = $1::text
+            AND q.locked_until = i.locked_until
+            AND q.delivery_status IN ('in_flight', 'pending', 'dead'))
+           OR (i.outcome = 'delivered' AND q.delivery_status = 'dead'))
     RETURNING q.delivery_id
 ),
 attempts AS (

@@ -2,10 +2,11 @@
 //! `workers`): claim a batch, write a batch of results back, release what this worker still
 //! holds, rescue expired leases, prune old attempts, sample depth, heartbeat.
 //!
-//! Every write-back is fenced on `locked_by` = this worker and `in_flight`, so a worker whose
-//! lease expired can never overwrite the outcome of the worker that took the row over.
+//! Every write-back is fenced on `locked_by` = this worker and the claim's `locked_until` (the row
+//! in flight, or rescued since and not claimed again), so a worker whose lease expired can never
+//! overwrite the outcome of the claim that took the row over.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
 
@@ -39,6 +40,10 @@ pub struct ClaimedDelivery {
     pub created_at: SystemTime,
     /// The claim's lease expiry, which also identifies the claim: write-backs are fenced on it.
     pub locked_until: SystemTime,
+    /// When the lease ends by this process's monotonic clock, counted conservatively (from the
+    /// moment the claim's answer arrived, with what the database said was left at the end of the
+    /// claim): an attempt must be over well before it.
+    pub lease_deadline: Instant,
 }
 
 /// What this worker passes to the claim besides the batch size: the fleet's rate-limit defaults
@@ -175,6 +180,7 @@ impl Queue {
                 ],
             )
             .await?;
+        let answered = Instant::now();
         let mut claim = Claim { deliveries: Vec::with_capacity(rows.len()), ..Claim::default() };
         for row in &rows {
             let Some(delivery_id) = row.try_get::<_, Option<i64>>(0)? else {
@@ -197,6 +203,7 @@ impl Queue {
                 max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
                 created_at: row.try_get(8)?,
                 locked_until: row.try_get(9)?,
+                lease_deadline: answered + Duration::try_from_secs_f64(row.try_get(12)?).unwrap_or(Duration::ZERO),
             };
             if row.try_get::<_, bool>(10)? {
                 claim.probes.push(delivery.webhook_id);
@@ -298,19 +305,19 @@ impl Queue {
         Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids]).await?)
     }
 
-    /// Returns every row this worker still holds in flight to `pending` (graceful shutdown).
-    pub async fn release_held(&self, worker_id: &str) -> Result<u64, DbError> {
+    /// Returns every row this worker still holds in flight to `pending` (graceful shutdown),
+    /// except `sent`: attempts that finished but whose results are not written.
+    pub async fn release_held(&self, worker_id: &str, sent: &[i64]) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
-        Ok(client.execute(RELEASE_HELD, &[&worker_id]).await?)
+        Ok(client.execute(RELEASE_HELD, &[&worker_id, &sent]).await?)
     }
 
-    /// Returns up to `limit` rows whose lease expired to `pending` (or `dead`, when the lost
-    /// attempt was their last); `default_max_retries` applies where neither row nor webhook sets
-    /// one. The number rescued.
-    pub async fn rescue_expired(&self, limit: u32, default_max_retries: u32) -> Result<u64, DbError> {
+    /// Returns up to `limit` rows whose lease expired to `pending`, or `dead` once their lease has
+    /// expired `max_lease_expiries` times (see `rescue_expired.sql`). The number rescued.
+    pub async fn rescue_expired(&self, limit: u32, max_lease_expiries: u32) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(RESCUE_EXPIRED).await?;
-        Ok(client.execute(&statement, &[&saturating_i32(limit), &saturating_i32(default_max_retries)]).await?)
+        Ok(client.execute(&statement, &[&saturating_i32(limit), &saturating_i32(max_lease_expiries)]).await?)
     }
 
     /// Deletes up to `limit` attempts older than `retention`; the number deleted.

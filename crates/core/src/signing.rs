@@ -133,13 +133,14 @@ pub fn sign_simple(secret: &SigningSecret, timestamp: i64, body: &[u8]) -> Strin
 /// `webhook-signature` (one `v1,` entry per secret, space-separated, in the order given: during
 /// rotation pass `[current, old]`), `x-webhook-timestamp` and `x-webhook-signature` (simple form,
 /// first secret only). `Content-Type` and `User-Agent` are the HTTP client's to set.
-pub fn signature_headers(
-    secrets: &[SigningSecret],
+pub fn signature_headers<'a>(
+    secrets: impl IntoIterator<Item = &'a SigningSecret>,
     message_id: &str,
     timestamp: i64,
     body: &[u8],
 ) -> Result<HeaderMap, SigningError> {
-    let first = secrets.first().ok_or(SigningError::NoSecrets)?;
+    let secrets: Vec<&SigningSecret> = secrets.into_iter().collect();
+    let first = *secrets.first().ok_or(SigningError::NoSecrets)?;
     let id = message_id_header(message_id)?;
     let signatures =
         secrets.iter().map(|secret| sign_v1(secret, message_id, timestamp, body)).collect::<Vec<_>>().join(" ");

@@ -24,6 +24,8 @@ pub enum WebhookError {
     Database(#[from] DbError),
     #[error("cannot decrypt webhook {webhook_id}: {message}")]
     Decrypt { webhook_id: i64, message: String },
+    #[error("webhook {0} does not exist")]
+    NotFound(i64),
 }
 
 impl From<tokio_postgres::Error> for WebhookError {
@@ -85,12 +87,28 @@ pub struct WebhookTarget {
     pub webhook_id: i64,
     pub version: i64,
     pub url: String,
-    /// Current secret first; older ones still inside their rotation window follow.
-    pub secrets: Vec<SigningSecret>,
+    /// Current secret first; older ones still inside their rotation window follow, with the unix
+    /// second at which each stops signing. A target stays cached until its webhook changes, so
+    /// the expiry is checked at each attempt ([`WebhookTarget::signing_secrets`]), not at load.
+    pub secrets: Vec<(SigningSecret, Option<i64>)>,
     pub timeout: Option<Duration>,
     pub max_retries: Option<u32>,
     pub enabled: bool,
 }
+
+impl WebhookTarget {
+    /// The secrets that sign a request made at `now` (unix seconds): the current one and every
+    /// rotated-out one that has not expired yet.
+    pub fn signing_secrets(&self, now: i64) -> impl Iterator<Item = &SigningSecret> {
+        self.secrets
+            .iter()
+            .filter(move |(_, expires_at)| expires_at.is_none_or(|expires_at| expires_at > now))
+            .map(|(secret, _)| secret)
+    }
+}
+
+/// Longest a rotated-out secret may keep signing beside the new one (SPEC §9).
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The signing secrets as stored (inside the ciphertext).
 #[derive(Serialize, Deserialize)]
@@ -256,7 +274,7 @@ impl WebhookStore {
         let secrets = stored
             .iter()
             .filter(|secret| secret.expires_at.is_none_or(|expires_at| expires_at > now))
-            .map(|secret| SigningSecret::parse(&secret.secret))
+            .map(|secret| SigningSecret::parse(&secret.secret).map(|parsed| (parsed, secret.expires_at)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| WebhookError::Decrypt { webhook_id, message: error.to_string() })?;
         if secrets.is_empty() {
@@ -271,6 +289,64 @@ impl WebhookStore {
             max_retries: row.try_get::<_, Option<i32>>(5)?.map(to_u32),
             enabled: row.try_get(6)?,
         })
+    }
+
+    /// Rotates a webhook's signing secret: `new_secret` (generated when `None`) signs from now on,
+    /// and the secret it replaces keeps signing beside it for `expire_after` (at most
+    /// [`MAX_ROTATION_GRACE`]); secrets already expired are dropped. The change bumps the
+    /// webhook's version, so running workers pick it up with their next claim. Answers the new
+    /// secret (`whsec_…`).
+    pub async fn rotate_secret(
+        &self,
+        webhook_id: i64,
+        expire_after: Duration,
+        new_secret: Option<&str>,
+    ) -> Result<String, WebhookError> {
+        if expire_after > MAX_ROTATION_GRACE {
+            return Err(WebhookError::Invalid(format!(
+                "expire_after: at most {} seconds (7 days), got {}",
+                MAX_ROTATION_GRACE.as_secs(),
+                expire_after.as_secs_f64()
+            )));
+        }
+        let secret = match new_secret {
+            Some(text) => {
+                SigningSecret::parse(text).map_err(|error| WebhookError::Invalid(format!("secret: {error}")))?
+            }
+            None => SigningSecret::generate(),
+        };
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let row = transaction
+            .query_opt(
+                "SELECT secrets_encrypted, extract(epoch FROM now())::float8 FROM hookfleet.webhooks                  WHERE webhook_id = $1 FOR NO KEY UPDATE",
+                &[&webhook_id],
+            )
+            .await?
+            .ok_or(WebhookError::NotFound(webhook_id))?;
+        let now: f64 = row.try_get(1)?;
+        let now = now.floor() as i64;
+        let stored_json = self.decrypt_text(webhook_id, row.try_get(0)?, &secrets_aad(webhook_id))?;
+        let stored: Vec<StoredSecret> = serde_json::from_str(&stored_json)
+            .map_err(|error| WebhookError::Decrypt { webhook_id, message: format!("malformed secrets: {error}") })?;
+        let until = now + i64::try_from(expire_after.as_secs()).unwrap_or(i64::MAX);
+        let mut rotated = vec![StoredSecret { secret: secret.to_whsec(), expires_at: None }];
+        rotated.extend(stored.into_iter().filter_map(|old| match old.expires_at {
+            // The one that was current until now.
+            None => Some(StoredSecret { secret: old.secret, expires_at: Some(until) }),
+            Some(expires_at) if expires_at > now => Some(old),
+            Some(_) => None,
+        }));
+        let json = serde_json::to_vec(&rotated).map_err(|error| WebhookError::Invalid(error.to_string()))?;
+        let encrypted = self.keyring.encrypt(&json, &secrets_aad(webhook_id));
+        transaction
+            .execute(
+                "UPDATE hookfleet.webhooks SET secrets_encrypted = $2 WHERE webhook_id = $1",
+                &[&webhook_id, &encrypted],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(secret.to_whsec())
     }
 
     fn decrypt_text(&self, webhook_id: i64, blob: &[u8], aad: &[u8]) -> Result<String, WebhookError> {

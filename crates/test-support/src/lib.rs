@@ -567,6 +567,51 @@ print('verified')\n";
     }
 }
 
+/// Opens `webhook_id`'s circuit with one failure (threshold 1, open for 60 s); its health status.
+pub async fn open_circuit(client: &tokio_postgres::Client, webhook_id: i64) -> Option<String> {
+    client
+        .query_one("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&webhook_id])
+        .await
+        .expect("open the circuit")
+        .get(0)
+}
+
+/// Moves a webhook's open period into the past, as if its timeout had run out.
+pub async fn pass_open_period(client: &tokio_postgres::Client, webhook_id: i64) {
+    client
+        .execute(
+            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
+             WHERE webhook_id = $1",
+            &[&webhook_id],
+        )
+        .await
+        .expect("let the open period pass");
+}
+
+impl TestDatabase {
+    /// Waits until a session of this database whose statement contains `statement` waits for a
+    /// lock (or until `done` says the statement finished without waiting); true when it waits.
+    pub async fn wait_for_lock_wait(&self, statement: &str, done: impl Fn() -> bool) -> bool {
+        let observer = self.client().await;
+        let pattern = format!("%{statement}%");
+        eventually(Duration::from_secs(30), &format!("a statement with {statement:?} to wait for a lock"), || async {
+            if done() {
+                return Some(false);
+            }
+            observer
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                     AND query LIKE $1 AND pid <> pg_backend_pid()",
+                    &[&pattern],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .map(|_| true)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

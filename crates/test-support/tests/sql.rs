@@ -14,7 +14,7 @@ use hookfleet_core::queue::{
     AttemptRecord, BreakerSettings, ClaimLimits, ClaimedDelivery, Outcome, Queue, WorkerIdentity,
 };
 use hookfleet_core::webhooks::NewWebhook;
-use hookfleet_test_support::{database, TestDatabase};
+use hookfleet_test_support::{database, open_circuit, pass_open_period, TestDatabase};
 use serde_json::json;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
@@ -737,7 +737,8 @@ async fn a_claim_skips_rows_locked_by_an_open_claim_instead_of_waiting() {
     let mut first = db.client().await;
     let second = db.client().await;
     let hook = webhook(&db).await;
-    let ids = insert_many(&first, hook, 6).await;
+    let other_hook = webhook(&db).await;
+    let mut ids = insert_many(&first, hook, 3).await;
 
     let transaction = first.transaction().await.expect("begin");
     let held: Vec<i64> = transaction
@@ -748,10 +749,13 @@ async fn a_claim_skips_rows_locked_by_an_open_claim_instead_of_waiting() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(sorted(held.clone()), ids[..3]);
+    ids.extend(insert_many(&second, other_hook, 3).await);
     // The open transaction still holds its rows: the second claim must skip them, not wait.
     let other = tokio::time::timeout(Duration::from_secs(10), claim(&second, "b", 10))
         .await
         .expect("the second claim does not wait for the open transaction");
+    // The open claim holds its webhook (claims of one webhook take turns, which is what keeps
+    // per-key order); every other webhook's rows are claimed at once.
     assert_eq!(sorted(other.clone()), ids[3..]);
     assert!(held.iter().all(|id| !other.contains(id)), "disjoint claims");
     transaction.commit().await.expect("commit");
@@ -777,8 +781,11 @@ async fn client_owners(client: &Client) -> BTreeMap<String, i64> {
 async fn concurrent_claims_never_take_a_row_twice() {
     let db = database().await;
     let client = db.client().await;
-    let hook = webhook(&db).await;
-    let ids = insert_many(&client, hook, 50).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let hook = webhook(&db).await;
+        ids.extend(insert_many(&client, hook, 10).await);
+    }
     let barrier = Arc::new(tokio::sync::Barrier::new(5));
     let mut tasks = Vec::new();
     for worker in 0..5 {
@@ -786,20 +793,34 @@ async fn concurrent_claims_never_take_a_row_twice() {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            claim(&claimer, &format!("w{worker}"), 10).await
+            // Claims of one webhook take turns (a webhook another claim is deciding for is
+            // skipped, not waited for), so each claimer goes on until nothing is pending.
+            let mut mine = Vec::new();
+            for _ in 0..500 {
+                let claimed = claim(&claimer, &format!("w{worker}"), 10).await;
+                assert!(claimed.len() <= 10, "a claim of 10 took {}", claimed.len());
+                mine.extend(claimed);
+                let pending: i64 = claimer
+                    .query_one("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'pending'", &[])
+                    .await
+                    .expect("pending")
+                    .get(0);
+                if pending == 0 {
+                    break;
+                }
+            }
+            mine
         }));
     }
     let mut all = Vec::new();
     for task in tasks {
-        let claimed = task.await.expect("claim task");
-        assert!(claimed.len() <= 10, "a claim of 10 took {}", claimed.len());
-        all.extend(claimed);
+        all.extend(task.await.expect("claim task"));
     }
     let distinct: BTreeSet<i64> = all.iter().copied().collect();
     assert_eq!(distinct.len(), all.len(), "a row was claimed twice: {all:?}");
     assert_eq!(distinct.into_iter().collect::<Vec<_>>(), ids, "every row claimed exactly once");
     let owners = client_owners(&client).await;
-    assert_eq!(owners, (0..5).map(|w| (format!("w{w}"), 10)).collect::<BTreeMap<_, _>>());
+    assert_eq!(owners.values().sum::<i64>(), 50);
 }
 
 #[tokio::test]
@@ -873,27 +894,6 @@ async fn claim_stops_at_a_webhooks_max_in_flight() {
     let rows = insert_many(&client, hook, 5).await;
     assert_eq!(sorted(claim(&client, "w1", 10).await), rows[..2]);
     assert!(claim(&client, "w2", 10).await.is_empty(), "the webhook is at max_in_flight");
-}
-
-/// Moves a webhook's open period into the past, as if its timeout had run out.
-/// One failure with threshold 1: the webhook's circuit opens for 60 s. Returns its health status.
-async fn open_circuit(client: &Client, webhook_id: i64) -> Option<String> {
-    client
-        .query_one("SELECT hookfleet.update_webhook_health($1, 500, 1, 'x', 1, 60)", &[&webhook_id])
-        .await
-        .expect("open the circuit")
-        .get(0)
-}
-
-async fn pass_open_period(client: &Client, webhook_id: i64) {
-    client
-        .execute(
-            "UPDATE hookfleet.webhook_health_metrics SET circuit_open_until = now() - interval '1 second' \
-             WHERE webhook_id = $1",
-            &[&webhook_id],
-        )
-        .await
-        .expect("let the open period pass");
 }
 
 /// What `claim_deliveries` answered: claimed ids (in order) and the held-back reports.
@@ -1510,7 +1510,12 @@ async fn release_held_returns_every_row_this_worker_holds_and_nothing_else() {
     queue.complete_many("w1", &[record(&settled[0], Outcome::Delivered, Some(200))], BREAKER).await.expect("settle");
     queue.claim("w2", 1, LEASE, &ClaimLimits::default()).await.expect("w2");
     let others = rows_of(&client, &ids[3..]).await;
-    assert_eq!(queue.release_held("w1").await.expect("release_held"), 3);
+    // One of w1's rows was attempted but its result is not written: it is not released.
+    let unwritten = ids[2];
+    let before = rows_of(&client, &[unwritten]).await;
+    assert_eq!(queue.release_held("w1", &[unwritten]).await.expect("release_held"), 2);
+    assert_eq!(rows_of(&client, &[unwritten]).await, before, "a sent but unwritten row stays in flight");
+    assert_eq!(queue.release_held("w1", &[]).await.expect("release_held"), 1);
     assert_eq!(
         count(
             &client,
@@ -1521,7 +1526,7 @@ async fn release_held_returns_every_row_this_worker_holds_and_nothing_else() {
         3
     );
     assert_eq!(rows_of(&client, &ids[3..]).await, others, "the delivered row and w2's row are unchanged");
-    assert_eq!(queue.release_held("w1").await.expect("again"), 0);
+    assert_eq!(queue.release_held("w1", &[]).await.expect("again"), 0);
 }
 
 #[tokio::test]
@@ -1546,16 +1551,16 @@ async fn rescue_expired_returns_only_expired_leases_to_pending() {
     for &id in &ids[..2] {
         let row = client
             .query_one(
-                "SELECT delivery_status, locked_by, locked_until IS NULL, retry_count FROM hookfleet.delivery_queue \
+                "SELECT delivery_status, locked_by, retry_count, lease_expiries FROM hookfleet.delivery_queue \
                  WHERE delivery_id = $1",
                 &[&id],
             )
             .await
             .expect("row");
         assert_eq!(
-            (row.get::<_, String>(0), row.get::<_, Option<String>>(1), row.get::<_, bool>(2), row.get::<_, i32>(3)),
-            ("pending".into(), None, true, 1),
-            "the lost attempt counts as a retry"
+            (row.get::<_, String>(0), row.get::<_, Option<String>>(1), row.get::<_, i32>(2), row.get::<_, i32>(3)),
+            ("pending".into(), Some("w1".into()), 0, 1),
+            "an expired lease is not a try; the expired claim stays named until the row is claimed again"
         );
         let due = seconds_from_now(&client, "next_attempt_at", id).await;
         assert!((-5.0..=0.0).contains(&due), "due now, got {due}");
@@ -1564,17 +1569,13 @@ async fn rescue_expired_returns_only_expired_leases_to_pending() {
 }
 
 #[tokio::test]
-async fn a_row_whose_last_try_was_lost_to_an_expired_lease_is_dead_with_the_reason() {
+async fn a_row_whose_lease_expired_the_most_times_allowed_is_dead_with_the_reason_and_its_tries_intact() {
     let db = database().await;
     let client = db.client().await;
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 1).await;
-    client
-        .execute("UPDATE hookfleet.delivery_queue SET max_retries = 1 WHERE delivery_id = $1", &[&ids[0]])
-        .await
-        .expect("max_retries");
-    for expected in ["pending", "dead"] {
+    for expected in ["pending", "pending", "dead"] {
         queue.claim("w1", 1, LEASE, &ClaimLimits::default()).await.expect("claim");
         client
             .execute("UPDATE hookfleet.delivery_queue SET locked_until = now() - interval '1 second'", &[])
@@ -1583,13 +1584,26 @@ async fn a_row_whose_last_try_was_lost_to_an_expired_lease_is_dead_with_the_reas
         assert_eq!(queue.rescue_expired(10, 3).await.expect("rescue"), 1);
         assert_eq!(status(&client, ids[0]).await, expected);
     }
-    let (retries, error): (i32, String) = client
-        .query_one("SELECT retry_count, last_error FROM hookfleet.delivery_queue WHERE delivery_id = $1", &[&ids[0]])
+    let (retries, expiries, error): (i32, i32, String) = client
+        .query_one(
+            "SELECT retry_count, lease_expiries, last_error FROM hookfleet.delivery_queue WHERE delivery_id = $1",
+            &[&ids[0]],
+        )
         .await
-        .map(|row| (row.get(0), row.get(1)))
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
         .expect("row");
-    assert_eq!(retries, 1);
-    assert!(error.starts_with("lease expired") && error.contains("w1"), "{error}");
+    assert_eq!((retries, expiries), (0, 3));
+    assert!(error.starts_with("lease expired 3 times") && error.contains("w1"), "{error}");
+    client.execute("SELECT hookfleet.replay_delivery($1)", &[&ids[0]]).await.expect("replay");
+    assert_eq!(
+        count(
+            &client,
+            &format!("SELECT lease_expiries::bigint FROM hookfleet.delivery_queue WHERE delivery_id = {}", ids[0])
+        )
+        .await,
+        0,
+        "a replay gives a fresh budget of lease expiries"
+    );
 }
 
 #[tokio::test]
@@ -1853,7 +1867,15 @@ async fn health_for_an_unknown_webhook_is_null_and_writes_nothing() {
     webhook(&db).await;
     assert_eq!(health(&client, 999_999, Some(500), 5, 60.0).await, None);
     assert_eq!(health(&client, 999_999, Some(200), 5, 60.0).await, None);
-    assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.webhook_health_metrics").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hookfleet.webhook_health_metrics WHERE webhook_id = 999999").await,
+        0
+    );
+    assert_eq!(
+        count(&client, "SELECT sum(total_attempts)::bigint FROM hookfleet.webhook_health_metrics").await,
+        0,
+        "the existing webhook's row (made with it) is untouched"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2312,7 +2334,8 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V6__webhook_breaker_overrides",
                 "V7__claim_fixes_and_retention_index",
                 "V8__covering_due_index",
-                "V9__cheaper_claim_and_write_back"
+                "V9__cheaper_claim_and_write_back",
+                "V10__review_fixes"
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2365,6 +2388,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V7__claim_fixes_and_retention_index".to_owned(),
                 "V8__covering_due_index".to_owned(),
                 "V9__cheaper_claim_and_write_back".to_owned(),
+                "V10__review_fixes".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2372,13 +2396,13 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
     {
         let client = connect(&url).await;
         let history: Vec<i32> = client
-            .query("SELECT version FROM refinery_schema_history ORDER BY version", &[])
+            .query("SELECT version FROM hookfleet.refinery_schema_history ORDER BY version", &[])
             .await
             .expect("history")
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await

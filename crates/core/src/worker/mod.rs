@@ -10,6 +10,7 @@
 mod cache;
 mod depth;
 mod heartbeat;
+mod identity;
 mod listen;
 mod prune;
 mod rescue;
@@ -49,10 +50,15 @@ const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 /// Shortest sleep before claiming again for a rate-limited webhook: a claim costs a round trip,
 /// so very high rates are served in small bursts rather than one claim per token.
 const MIN_TOKEN_WAIT: Duration = Duration::from_millis(5);
-/// When another worker's claim was deciding for a webhook at the same moment: look again soon.
+/// When another claim was deciding for a webhook at the same moment: look again soon. A webhook
+/// that stays contended (another session holds its row: an operator's open transaction, a
+/// delete's cascade) is looked at less and less often, up to `POLL_INTERVAL`.
 const CONTENDED_WAIT: Duration = Duration::from_millis(2);
 /// While a webhook waits for capacity other workers may free: how soon to look again.
 const CAPACITY_RECHECK: Duration = Duration::from_millis(100);
+/// The least time an attempt starts with (less when its own timeout is shorter): a claimed row whose
+/// lease has less left is given back untouched rather than attempted in a rush and failed.
+pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(250);
 /// `webhook_circuit_state` values.
 const CIRCUIT_CLOSED: i64 = 0;
 const CIRCUIT_OPEN: i64 = 1;
@@ -70,6 +76,11 @@ pub enum WorkerError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen on METRICS_ADDR {addr}: {source}")]
     MetricsBind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(
+        "WORKER_ID {0:?} is in use by a live worker (see hookfleet.v_workers): give each worker process its own \
+         WORKER_ID, or leave it unset (host and pid)"
+    )]
+    WorkerIdInUse(String),
 }
 
 /// The settings the engine runs with, taken from [`Config`].
@@ -97,12 +108,16 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    /// The attempt's total timeout: the webhook's, else `HTTP_TIMEOUT`, but always well inside the
-    /// lease (at most four fifths of it), so that an attempt never outlives its claim and is
-    /// delivered twice by a second worker while the first is still waiting.
-    pub fn attempt_timeout(&self, webhook_timeout: Option<Duration>) -> Duration {
-        let ceiling = self.lease.mul_f64(0.8).max(Duration::from_millis(100));
-        webhook_timeout.unwrap_or(self.http_timeout).min(ceiling)
+    /// The attempt's total timeout, given what is left of its lease: the webhook's timeout, else
+    /// `HTTP_TIMEOUT`, but ending a fifth of the lease before the lease does, so that an attempt
+    /// never outlives its claim (and is sent again by another worker while it is still running)
+    /// and its result has time to be written back. `None` when less than
+    /// [`MIN_ATTEMPT_TIME`] (or the whole timeout, if shorter) would be left: such an attempt
+    /// must not start.
+    pub fn attempt_timeout(&self, webhook_timeout: Option<Duration>, lease_left: Duration) -> Option<Duration> {
+        let wanted = webhook_timeout.unwrap_or(self.http_timeout);
+        let available = lease_left.saturating_sub(self.lease / 5);
+        (available >= wanted.min(MIN_ATTEMPT_TIME)).then(|| wanted.min(available))
     }
 
     pub fn from_config(config: &Config) -> Self {
@@ -140,6 +155,7 @@ impl WorkerSettings {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let database_url = config.database_url.as_ref().ok_or(DbError::MissingUrl)?.expose_secret().to_owned();
     let keyring = Arc::new(Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?);
+    let identity = identity::WorkerIdLock::take(&database_url, &config.worker_id).await?;
     let pool = db::worker_pool(&database_url, config.db_pool_size as usize)?;
     let client =
         DeliveryClient::new(client_options(&config)).map_err(|error| WorkerError::Client(error.to_string()))?;
@@ -165,9 +181,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let queue = Queue::new(pool.clone());
     let store = WebhookStore::new(pool, keyring);
     let engine = Engine { settings: Arc::new(settings), queue, store, client, metrics, database_url };
-    engine.run(shutdown).await;
+    let id_lost = CancellationToken::new();
+    let keeper = tokio::spawn(identity.keep(shutdown.clone(), id_lost.clone()));
+    engine.run(shutdown, &id_lost).await;
+    keeper.abort();
     if let Ok(Err(error)) = metrics_server.await {
         tracing::warn!(%error, "metrics server stopped with an error");
+    }
+    if id_lost.is_cancelled() {
+        return Err(WorkerError::WorkerIdInUse(config.worker_id.clone()));
     }
     Ok(())
 }
@@ -196,6 +218,11 @@ struct AttemptContext {
     /// Fired when the shutdown grace runs out: unfinished attempts are abandoned (their rows are
     /// released, so they are delivered again: at least once).
     abandon: CancellationToken,
+    /// To give back a row whose lease ran too short before its attempt could start.
+    queue: Queue,
+    /// Deliveries whose attempt finished and whose result is not written back yet: at shutdown
+    /// these are never released to `pending` (they were sent).
+    unwritten: Arc<Unwritten>,
 }
 
 pub struct Engine {
@@ -208,7 +235,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Runs until `shutdown`. `id_lost` fires when another live process took this `WORKER_ID`:
+    /// then whatever that id holds may be the other process's, so nothing is released or
+    /// deregistered on the way out.
+    pub async fn run(self, shutdown: CancellationToken, id_lost: &CancellationToken) {
         let settings = self.settings.clone();
         let worker_id = settings.identity.worker_id.clone();
         let wake = Arc::new(Notify::new());
@@ -226,12 +256,14 @@ impl Engine {
         services.close();
 
         let (results, results_rx) = mpsc::unbounded_channel();
+        let unwritten = Arc::new(Unwritten::default());
         let completer = tokio::spawn(complete(
             self.queue.clone(),
             settings.clone(),
             self.metrics.clone(),
             results_rx,
             settled.clone(),
+            unwritten.clone(),
         ));
         let context = Arc::new(AttemptContext {
             settings: settings.clone(),
@@ -239,6 +271,8 @@ impl Engine {
             metrics: self.metrics.clone(),
             results,
             abandon: CancellationToken::new(),
+            queue: self.queue.clone(),
+            unwritten: unwritten.clone(),
         });
         let attempts = TaskTracker::new();
         tracing::info!(%worker_id, batch_size = settings.batch_size, max_in_flight = settings.max_in_flight, "worker started");
@@ -264,7 +298,18 @@ impl Engine {
             }
         }
         services.wait().await;
-        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.release_held(&worker_id)).await {
+        if id_lost.is_cancelled() {
+            tracing::error!(%worker_id, "stopped without releasing or deregistering: another process now has this WORKER_ID");
+            return;
+        }
+        let sent = unwritten.ids();
+        if !sent.is_empty() {
+            tracing::warn!(
+                unwritten = sent.len(),
+                "results not written back; those deliveries stay in flight (not released) and return after their lease"
+            );
+        }
+        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.release_held(&worker_id, &sent)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => tracing::info!(released, "released unfinished deliveries to pending"),
             Ok(Err(error)) => tracing::warn!(%error, "cannot release held deliveries; their leases will expire"),
@@ -294,6 +339,7 @@ impl Engine {
             series: HashMap::new(),
         };
         let mut failures = 0u32;
+        let mut contended_claims = 0u32;
         loop {
             // Wait for one free slot, then take whatever else is free, up to a batch.
             let first = tokio::select! {
@@ -359,8 +405,12 @@ impl Engine {
                     .min();
                 let mut pause = next_token
                     .map_or(settings.poll_interval, |wait| wait.max(MIN_TOKEN_WAIT).min(settings.poll_interval));
-                if !contended.is_empty() {
-                    pause = pause.min(CONTENDED_WAIT);
+                if contended.is_empty() {
+                    contended_claims = 0;
+                } else {
+                    contended_claims = contended_claims.saturating_add(1);
+                    let wait = CONTENDED_WAIT.saturating_mul(1 << contended_claims.min(10).saturating_sub(1));
+                    pause = pause.min(wait);
                 }
                 // Our own attempts settling wake us at once; capacity freed by other workers (a
                 // fleet-wide max_in_flight) is looked for again soon.
@@ -413,9 +463,22 @@ impl Engine {
         };
         let worker_id = &self.settings.identity.worker_id;
         let mut disabled = Vec::new();
+        let mut out_of_time = Vec::new();
         let mut unusable: HashMap<String, Vec<i64>> = HashMap::new();
+        let now = Instant::now();
         for (delivery, permit) in claimed.into_iter().zip(permits) {
             let target = match targets.get(&delivery.webhook_id) {
+                // The claim or the webhook load took so long that too little of the lease is left:
+                // not an attempt, so give the row back untouched.
+                Some(Ok(target))
+                    if self
+                        .settings
+                        .attempt_timeout(target.timeout, delivery.lease_deadline.saturating_duration_since(now))
+                        .is_none() =>
+                {
+                    out_of_time.push(delivery.delivery_id);
+                    continue;
+                }
                 Some(Ok(target)) if target.enabled => target.clone(),
                 Some(Ok(_)) => {
                     disabled.push(delivery.delivery_id);
@@ -441,6 +504,15 @@ impl Engine {
         if !disabled.is_empty() {
             if let Err(error) = self.queue.release(worker_id, &disabled).await {
                 tracing::warn!(%error, "cannot release deliveries of disabled webhooks");
+            }
+        }
+        if !out_of_time.is_empty() {
+            tracing::warn!(
+                deliveries = out_of_time.len(),
+                "claimed deliveries have too little of their lease left to attempt; releasing them"
+            );
+            if let Err(error) = self.queue.release(worker_id, &out_of_time).await {
+                tracing::warn!(%error, "cannot release deliveries; their leases will expire");
             }
         }
         // Not an attempt and not the receiver's fault: the rows wait, their retries untouched,
@@ -471,14 +543,24 @@ async fn attempt(
 
     let timestamp = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let body = Bytes::from(std::mem::take(&mut delivery.body));
-    let result = match signing::signature_headers(&target.secrets, &delivery.message_id, timestamp, &body) {
+    // Checked now, at each attempt: a cached target's rotated-out secret stops signing at its
+    // expiry without any change to the webhook.
+    let secrets = target.signing_secrets(timestamp);
+    let result = match signing::signature_headers(secrets, &delivery.message_id, timestamp, &body) {
         Ok(headers) => {
-            let request = DeliveryRequest {
-                url: target.url.clone(),
-                headers,
-                body,
-                timeout: settings.attempt_timeout(target.timeout),
+            // The claim loop checked that enough of the lease was left; checked again here, at the
+            // last moment before sending, since the task may have waited for a thread.
+            let lease_left = delivery.lease_deadline.saturating_duration_since(Instant::now());
+            let Some(timeout) = settings.attempt_timeout(target.timeout, lease_left) else {
+                metrics.worker_in_flight.dec();
+                tracing::warn!("too little of the lease is left to attempt; releasing the delivery");
+                let ids = [delivery.delivery_id];
+                if let Err(error) = context.queue.release(&settings.identity.worker_id, &ids).await {
+                    tracing::warn!(%error, "cannot release the delivery; its lease will expire");
+                }
+                return;
             };
+            let request = DeliveryRequest { url: target.url.clone(), headers, body, timeout };
             tokio::select! {
                 outcome = context.client.send(request) => outcome.result,
                 _ = context.abandon.cancelled() => {
@@ -527,6 +609,7 @@ async fn attempt(
         response_excerpt: excerpt,
         locked_until: delivery.locked_until,
     };
+    context.unwritten.add(record.delivery_id);
     // The completer outlives every attempt (it ends when the last sender is dropped).
     let _ = context.results.send((record, slot));
     metrics.worker_in_flight.dec();
@@ -544,21 +627,23 @@ async fn complete(
     metrics: Arc<Metrics>,
     mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>,
     settled: Arc<Notify>,
+    unwritten: Arc<Unwritten>,
 ) {
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
         let (records, slots): (Vec<AttemptRecord>, Vec<Slot>) = batch.drain(..).unzip();
-        write_back(&queue, &settings, &metrics, &records).await;
+        let written = write_back(&queue, &settings, &metrics, &records).await;
+        unwritten.remove(&written);
         drop(slots);
         settled.notify_one();
     }
 }
 
-/// Writes one batch, retrying through database outages for up to one lease: after that the rows
+/// Writes one batch (answering the deliveries whose results it wrote), retrying through database outages for up to one lease: after that the rows
 /// have been rescued by another worker and the fenced write would settle nothing anyway. A batch
 /// the database refuses as data (SQLSTATE classes 22 and 23) is split, so that one bad record
 /// cannot keep the others from settling.
-async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) {
+async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) -> Vec<i64> {
     let deadline = Instant::now() + settings.lease;
     let mut failures = 0;
     loop {
@@ -575,19 +660,19 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                         "write-back matched no row for some attempts: lease lost"
                     );
                 }
-                return;
+                return batch.iter().map(|record| record.delivery_id).collect();
             }
             Err(error) if is_data_error(&error) => {
                 metrics.database_errors_total.with_label_values(&["complete"]).inc();
                 if let [record] = batch {
                     tracing::error!(%error, delivery_id = record.delivery_id, "the database refuses this result; the row returns after its lease");
-                } else {
-                    tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
-                    let (left, right) = batch.split_at(batch.len() / 2);
-                    Box::pin(write_back(queue, settings, metrics, left)).await;
-                    Box::pin(write_back(queue, settings, metrics, right)).await;
+                    return Vec::new();
                 }
-                return;
+                tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
+                let (left, right) = batch.split_at(batch.len() / 2);
+                let mut written = Box::pin(write_back(queue, settings, metrics, left)).await;
+                written.extend(Box::pin(write_back(queue, settings, metrics, right)).await);
+                return written;
             }
             Err(error) => {
                 failures += 1;
@@ -595,7 +680,7 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                 let pause = database_backoff(failures);
                 if Instant::now() + pause > deadline {
                     tracing::error!(%error, rows = batch.len(), "giving up writing results back; the rows will be delivered again after their lease");
-                    return;
+                    return Vec::new();
                 }
                 tracing::warn!(%error, rows = batch.len(), retry_in = ?pause, "cannot write results back; retrying");
                 tokio::time::sleep(pause).await;
@@ -673,6 +758,39 @@ impl Busy {
 
     fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
         // The map stays consistent whatever panicked while holding it: every change is one step.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Deliveries whose attempt finished but whose result is not written back (yet, or ever: a
+/// write-back that gave up leaves them here), counted per delivery because one process may hold
+/// an expired claim's result and a newer claim's of the same row.
+#[derive(Default)]
+struct Unwritten(std::sync::Mutex<HashMap<i64, u32>>);
+
+impl Unwritten {
+    fn add(&self, delivery_id: i64) {
+        *self.counts().entry(delivery_id).or_default() += 1;
+    }
+
+    fn remove(&self, delivery_ids: &[i64]) {
+        let mut counts = self.counts();
+        for delivery_id in delivery_ids {
+            if let Some(count) = counts.get_mut(delivery_id) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(delivery_id);
+                }
+            }
+        }
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.counts().keys().copied().collect()
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
+        // Every change is one step on one entry, so the map is consistent whatever panicked.
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

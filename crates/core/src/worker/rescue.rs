@@ -1,5 +1,8 @@
-//! Rescue service: returns rows whose lease expired (their worker died) to `pending`. Every
-//! worker runs it; SKIP LOCKED keeps them from waiting on each other.
+//! Rescue service: returns rows whose lease expired (their worker died or stalled) to `pending`.
+//! An expired lease is not a try (the worker may have died before attempting anything); a row
+//! whose lease expired [`MAX_LEASE_EXPIRIES`] times, a message that kills or stalls every worker
+//! that takes it, ends `dead` with the reason. Every worker runs it; SKIP LOCKED keeps them from
+//! waiting on each other.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +14,8 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 
 const RESCUE_BATCH: u32 = 1000;
+/// Lease expiries after which a row is dead rather than pending again.
+pub const MAX_LEASE_EXPIRIES: u32 = 5;
 
 pub(super) async fn run(
     queue: Queue,
@@ -20,15 +25,14 @@ pub(super) async fn run(
 ) {
     // A quarter of the lease bounds how late past expiry a row comes back.
     let interval = (settings.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
-    let default_max_retries = settings.default_max_retries;
     run_every("rescue", interval, shutdown, || {
         let (queue, metrics) = (&queue, &metrics);
         async move {
-            match queue.rescue_expired(RESCUE_BATCH, default_max_retries).await {
+            match queue.rescue_expired(RESCUE_BATCH, MAX_LEASE_EXPIRIES).await {
                 Ok(0) => {}
                 Ok(rescued) => tracing::info!(
                     rescued,
-                    "returned deliveries with expired leases to pending (or dead when that was their last try)"
+                    "returned deliveries with expired leases to pending (dead after {MAX_LEASE_EXPIRIES} expiries)"
                 ),
                 Err(error) => {
                     metrics.database_errors_total.with_label_values(&["rescue"]).inc();

@@ -1,0 +1,128 @@
+//! One live process per `WORKER_ID`. Rows are leased to a worker id, and a worker releases what
+//! its id holds at shutdown, so two processes sharing an id would release (and fence off) each
+//! other's rows. Each worker therefore holds a session-level advisory lock on its id, on a
+//! connection of its own, for as long as it runs: a second process with a live id is refused at
+//! start. A worker that dies loses its connection and with it the lock (at once for `kill -9`;
+//! within about a minute for a host that vanished, by the server-side keepalives set below), so a
+//! restart under the same id is not refused.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::WorkerError;
+use crate::db::{self, DbError};
+
+/// Advisory-lock class of worker ids (the two-key form, apart from every one-key lock hookfleet
+/// takes): "hook".
+const WORKER_ID_LOCK_CLASS: i32 = 0x686f_6f6b;
+/// A process restarted under its old id may start before the server has noticed that the old
+/// connection closed: how long to wait for the lock before refusing.
+const TAKE_PATIENCE: Duration = Duration::from_secs(3);
+/// How often the holder checks its connection, and how soon it retries after losing it.
+const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the lock may stay refused after a lost connection before this process gives way:
+/// longer than the server takes to drop our own old session (the keepalives set below, 50 s).
+const LOST_PATIENCE: Duration = Duration::from_secs(90);
+/// How long the check may take before the connection counts as lost.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The lock on this process's `WORKER_ID`, while it runs.
+pub(super) struct WorkerIdLock {
+    url: String,
+    worker_id: String,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl WorkerIdLock {
+    /// Takes the lock, or refuses when another live process holds it. When the database cannot
+    /// be reached now, the worker starts anyway (it retries everything) and [`Self::keep`] takes
+    /// the lock once it can.
+    pub(super) async fn take(url: &str, worker_id: &str) -> Result<Self, WorkerError> {
+        let mut lock = Self { url: url.to_owned(), worker_id: worker_id.to_owned(), client: None };
+        let give_up = Instant::now() + TAKE_PATIENCE;
+        loop {
+            match lock.try_take().await {
+                Ok(true) => return Ok(lock),
+                Ok(false) if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(100)).await,
+                Ok(false) => return Err(WorkerError::WorkerIdInUse(lock.worker_id)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reach the database to lock WORKER_ID yet; will keep trying");
+                    return Ok(lock);
+                }
+            }
+        }
+    }
+
+    /// Holds the lock until `shutdown`, checking its connection with a query (a server that
+    /// vanished without closing the socket must not leave the lock unheld for the kernel's
+    /// timeouts). If the connection is lost (a database restart or failover releases every
+    /// lock), takes it again; if another process took the id meanwhile, fires `lost` and stops
+    /// this worker, which then releases nothing: two processes with one id would release each
+    /// other's rows.
+    pub(super) async fn keep(mut self, shutdown: CancellationToken, lost: CancellationToken) {
+        let mut refused_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+            }
+            if let Some(client) = &self.client {
+                let alive = tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("SELECT 1")).await;
+                if matches!(alive, Ok(Ok(_))) {
+                    continue;
+                }
+                tracing::warn!(worker_id = %self.worker_id, "the WORKER_ID lock's connection is gone; taking the lock again");
+                self.client = None;
+            }
+            match self.try_take().await {
+                Ok(true) => {
+                    refused_since = None;
+                    tracing::info!(worker_id = %self.worker_id, "WORKER_ID lock taken again");
+                }
+                // Our own old session may still hold it until the server notices that its client
+                // is gone (the keepalives below): only a refusal that lasts longer is another process.
+                Ok(false) if refused_since.get_or_insert_with(Instant::now).elapsed() < LOST_PATIENCE => {
+                    tracing::warn!(worker_id = %self.worker_id, "the WORKER_ID lock is held; trying again");
+                }
+                Ok(false) => {
+                    tracing::error!(
+                        worker_id = %self.worker_id,
+                        "another live process took this WORKER_ID while the database was out of reach; stopping"
+                    );
+                    lost.cancel();
+                    shutdown.cancel();
+                    return;
+                }
+                Err(error) => tracing::debug!(%error, "cannot lock WORKER_ID yet"),
+            }
+        }
+    }
+
+    async fn try_take(&mut self) -> Result<bool, DbError> {
+        let mut config = db::connection_config(&self.url, "hookfleet-worker-id")?;
+        // Server-side keepalives: a lock held by a host that vanished must not outlive it by the
+        // kernel default of two hours.
+        config.options(
+            "-c idle_in_transaction_session_timeout=60000 -c tcp_keepalives_idle=20 \
+             -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+        );
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "WORKER_ID lock connection closed");
+            }
+        });
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1::int4, hashtext($2::text))",
+                &[&WORKER_ID_LOCK_CLASS, &self.worker_id],
+            )
+            .await?;
+        let taken: bool = row.try_get(0)?;
+        if taken {
+            self.client = Some(client);
+        }
+        Ok(taken)
+    }
+}
