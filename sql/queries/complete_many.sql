@@ -2,10 +2,11 @@
 -- attempt, and update each webhook's health from the attempts recorded.
 -- Settling is fenced on this worker *and* the claim's locked_until, so a result that arrives after
 -- its lease expired never settles a later claim of the row (by any worker, this one included). A
--- row the lease rescue returned to pending (or dead) keeps that claim's locked_by and
--- locked_until until it is claimed again, so a late result still settles it: the attempt really
--- happened, and a success must not be lost to a rescue. A success also settles a dead letter
--- whichever claim sent it: a dead letter must never hide a delivery.
+-- row the lease rescue returned to pending keeps that claim's locked_by and locked_until until it
+-- is claimed again, so a late result still settles it: the attempt really happened, and a success
+-- must not be lost to a rescue. A success also settles a dead letter whichever claim sent it (a
+-- dead letter must never hide a delivery); nothing else revives one (its key's successor may be
+-- on its way already).
 -- Attempts are recorded even when the lease was lost, because the HTTP request really happened;
 -- ON CONFLICT makes a batch retried after a lost commit reply record each attempt once, and health
 -- counts only the attempts this statement inserted.
@@ -48,7 +49,7 @@ settled AS (
     WHERE q.delivery_id = i.delivery_id
       AND ((q.locked_by = $1::text
             AND q.locked_until = i.locked_until
-            AND q.delivery_status IN ('in_flight', 'pending', 'dead'))
+            AND q.delivery_status IN ('in_flight', 'pending'))
            OR (i.outcome = 'delivered' AND q.delivery_status = 'dead'))
     RETURNING q.delivery_id
 ),

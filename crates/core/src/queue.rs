@@ -299,10 +299,12 @@ impl Queue {
         Ok(client.execute(DEFER, &[&worker_id, &delivery_ids, &delay.as_secs_f64(), &storable(reason)]).await?)
     }
 
-    /// Returns the given rows, if this worker still holds them, to `pending` without an attempt.
-    pub async fn release(&self, worker_id: &str, delivery_ids: &[i64]) -> Result<u64, DbError> {
+    /// Returns the given rows, `(delivery_id, the claim's locked_until)`, to `pending` without an
+    /// attempt, if this worker still holds them under that claim.
+    pub async fn release(&self, worker_id: &str, claims: &[(i64, SystemTime)]) -> Result<u64, DbError> {
+        let (delivery_ids, locked_untils): (Vec<i64>, Vec<SystemTime>) = claims.iter().copied().unzip();
         let client = self.pool.get().await?;
-        Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids]).await?)
+        Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids, &locked_untils]).await?)
     }
 
     /// Returns every row this worker still holds in flight to `pending` (graceful shutdown),

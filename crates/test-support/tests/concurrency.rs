@@ -352,6 +352,15 @@ async fn a_dead_letter_never_hides_a_delivery() {
     queue.complete_many("w1", &[record(&claimed[0], Outcome::Delivered, 200)], BREAKER).await.expect("late");
     assert_eq!(status(&client, stalled).await, "delivered");
 
+    // Only a success revives a dead letter: a late failure leaves it dead (its key's successor
+    // may be on its way already).
+    let failed = insert(&client, hook, None).await;
+    let claimed = queue.claim("w1", 1, lease, &ClaimLimits::default()).await.expect("claim").deliveries;
+    expire_and_rescue(&queue, lease, 1).await;
+    let report = queue.complete_many("w1", &[record(&claimed[0], Outcome::Retry, 503)], BREAKER).await.expect("late");
+    assert_eq!(report.lost_leases, 1);
+    assert_eq!(status(&client, failed).await, "dead");
+
     // Rescued, claimed again and dead by the second claim's 4xx, then the first claim's success.
     let twice = insert(&client, hook, None).await;
     let first = queue.claim("w1", 1, lease, &ClaimLimits::default()).await.expect("claim").deliveries;

@@ -1459,16 +1459,8 @@ async fn release_returns_only_this_workers_listed_in_flight_rows() {
     let queue = queue(&db);
     let hook = webhook(&db).await;
     let ids = insert_many(&client, hook, 4).await;
-    let first_two = sorted(
-        queue
-            .claim("w1", 2, LEASE, &ClaimLimits::default())
-            .await
-            .expect("w1")
-            .deliveries
-            .iter()
-            .map(|c| c.delivery_id)
-            .collect(),
-    );
+    let mine = queue.claim("w1", 2, LEASE, &ClaimLimits::default()).await.expect("w1").deliveries;
+    let first_two = sorted(mine.iter().map(|c| c.delivery_id).collect());
     assert_eq!(first_two, ids[..2]);
     let third = queue.claim("w2", 1, LEASE, &ClaimLimits::default()).await.expect("w2").deliveries;
     assert_eq!(third[0].delivery_id, ids[2]);
@@ -1481,8 +1473,13 @@ async fn release_returns_only_this_workers_listed_in_flight_rows() {
         .collect();
     let others = rows_of(&client, &ids[1..]).await;
 
-    // w1 lists one of its rows, w2's row and the pending row: only its own row is released.
-    assert_eq!(queue.release("w1", &[ids[0], ids[2], ids[3]]).await.expect("release"), 1);
+    // w1 lists one of its rows, w2's row, the pending row, and its other row under a claim that
+    // is not the current one: only its own row of the current claim is released.
+    let claim_of = |id: i64| mine.iter().find(|c| c.delivery_id == id).expect("claimed").locked_until;
+    let stale = claim_of(ids[1]) - Duration::from_secs(1);
+    let listed =
+        [(ids[0], claim_of(ids[0])), (ids[1], stale), (ids[2], third[0].locked_until), (ids[3], claim_of(ids[0]))];
+    assert_eq!(queue.release("w1", &listed).await.expect("release"), 1);
     let row = client
         .query_one(
             "SELECT delivery_status, locked_by, locked_until IS NULL, next_attempt_at, retry_count \

@@ -765,3 +765,70 @@ fn signed_by(secret: &str, request: &hookfleet_test_support::ReceivedRequest) ->
         request.header("webhook-signature").expect("signature"),
     )
 }
+
+/// A worker whose WORKER_ID lock session is lost (a database restart ends every session) takes
+/// the lock again and keeps working; if another session holds the id by then, the worker gives
+/// way without releasing anything that id holds, and exits with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_loses_its_worker_id_lock_takes_it_again_or_gives_way_without_releasing() {
+    let db = database().await;
+    let receiver =
+        Receiver::start(
+            |_, seen| if seen == 0 { Reply::status(200) } else { Reply::status(200).after(Duration::from_secs(60)) },
+        )
+        .await;
+    // The hanging attempt outlasts the shutdown grace: it is abandoned, not written back.
+    let hook = db
+        .create_webhook(NewWebhook {
+            url: receiver.url("/"),
+            timeout_ms: Some(30_000),
+            enabled: true,
+            ..NewWebhook::default()
+        })
+        .await;
+    let mut worker = WorkerProcess::spawn(worker_binary(), &db, "w-lock", &[("HOOKFLEET_SHUTDOWN_GRACE", "1s")]);
+    let client = db.client().await;
+    let lock_session = || async {
+        client
+            .query_opt(
+                "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+                 WHERE a.application_name = 'hookfleet-worker-id' AND a.datname = current_database() \
+                 AND l.locktype = 'advisory' AND l.granted",
+                &[],
+            )
+            .await
+            .expect("lock session")
+            .map(|row| row.get::<_, i32>(0))
+    };
+    let first = eventually(DEADLINE, "the worker to hold its WORKER_ID lock", lock_session).await;
+    client.execute("SELECT pg_terminate_backend($1, 5000)", &[&first]).await.expect("terminate");
+    let second = eventually(DEADLINE, "the worker to take its lock again", || async {
+        lock_session().await.filter(|pid| *pid != first)
+    })
+    .await;
+    let delivered = db.insert_delivery(hook.webhook_id, "{}").await;
+    db.wait_for_status(delivered, "delivered").await;
+
+    // A row in flight (its receiver hangs), then the lock is lost to another session.
+    let held = db.insert_delivery(hook.webhook_id, "{}").await;
+    receiver.wait_for(2, DEADLINE).await;
+    // In one statement, so that the worker cannot take its lock again in between.
+    let thief = db.client().await;
+    thief
+        .execute(
+            "SELECT pg_terminate_backend($1, 5000), pg_advisory_lock(x'686f6f6b'::int4, hashtext('w-lock'))",
+            &[&second],
+        )
+        .await
+        .expect("end the worker's lock session and take the id");
+    let status = worker.wait(DEADLINE).await;
+    assert!(!status.success(), "a worker that gave way exits with an error: {status:?}");
+    assert!(worker.log().contains("another live process took this WORKER_ID"), "{}", worker.log());
+    let (state, ..) = db.delivery(held).await;
+    assert_eq!(state, "in_flight", "what the id holds may be the other process's: nothing is released");
+    assert_eq!(
+        db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w-lock'").await,
+        1,
+        "and it does not deregister the id"
+    );
+}

@@ -21,9 +21,6 @@ const WORKER_ID_LOCK_CLASS: i32 = 0x686f_6f6b;
 const TAKE_PATIENCE: Duration = Duration::from_secs(3);
 /// How often the holder checks its connection, and how soon it retries after losing it.
 const CHECK_INTERVAL: Duration = Duration::from_secs(2);
-/// How long the lock may stay refused after a lost connection before this process gives way:
-/// longer than the server takes to drop our own old session (the keepalives set below, 50 s).
-const LOST_PATIENCE: Duration = Duration::from_secs(90);
 /// How long the check may take before the connection counts as lost.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -32,6 +29,8 @@ pub(super) struct WorkerIdLock {
     url: String,
     worker_id: String,
     client: Option<tokio_postgres::Client>,
+    /// The server process of the session that holds (or last held) the lock.
+    backend_pid: Option<i32>,
 }
 
 impl WorkerIdLock {
@@ -39,7 +38,7 @@ impl WorkerIdLock {
     /// be reached now, the worker starts anyway (it retries everything) and [`Self::keep`] takes
     /// the lock once it can.
     pub(super) async fn take(url: &str, worker_id: &str) -> Result<Self, WorkerError> {
-        let mut lock = Self { url: url.to_owned(), worker_id: worker_id.to_owned(), client: None };
+        let mut lock = Self { url: url.to_owned(), worker_id: worker_id.to_owned(), client: None, backend_pid: None };
         let give_up = Instant::now() + TAKE_PATIENCE;
         loop {
             match lock.try_take().await {
@@ -54,19 +53,17 @@ impl WorkerIdLock {
         }
     }
 
-    /// Holds the lock until `shutdown`, checking its connection with a query (a server that
-    /// vanished without closing the socket must not leave the lock unheld for the kernel's
-    /// timeouts). If the connection is lost (a database restart or failover releases every
-    /// lock), takes it again; if another process took the id meanwhile, fires `lost` and stops
-    /// this worker, which then releases nothing: two processes with one id would release each
-    /// other's rows.
+    /// Holds the lock for as long as the process runs (the caller aborts this task after the
+    /// worker deregistered: holding it through the drain keeps a restarted process under the same
+    /// id from claiming while this one still releases what its id holds). Checks its connection
+    /// with a query, so that a server that vanished without closing the socket is noticed within
+    /// seconds. When the connection is lost (a database restart or failover releases every lock),
+    /// takes the lock again; if another process holds it by then, fires `lost` and stops this
+    /// worker, which then releases nothing: two processes with one id would release each other's
+    /// rows.
     pub(super) async fn keep(mut self, shutdown: CancellationToken, lost: CancellationToken) {
-        let mut refused_since: Option<Instant> = None;
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(CHECK_INTERVAL) => {}
-            }
+            tokio::time::sleep(CHECK_INTERVAL).await;
             if let Some(client) = &self.client {
                 let alive = tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("SELECT 1")).await;
                 if matches!(alive, Ok(Ok(_))) {
@@ -76,15 +73,7 @@ impl WorkerIdLock {
                 self.client = None;
             }
             match self.try_take().await {
-                Ok(true) => {
-                    refused_since = None;
-                    tracing::info!(worker_id = %self.worker_id, "WORKER_ID lock taken again");
-                }
-                // Our own old session may still hold it until the server notices that its client
-                // is gone (the keepalives below): only a refusal that lasts longer is another process.
-                Ok(false) if refused_since.get_or_insert_with(Instant::now).elapsed() < LOST_PATIENCE => {
-                    tracing::warn!(worker_id = %self.worker_id, "the WORKER_ID lock is held; trying again");
-                }
+                Ok(true) => tracing::info!(worker_id = %self.worker_id, "WORKER_ID lock taken again"),
                 Ok(false) => {
                     tracing::error!(
                         worker_id = %self.worker_id,
@@ -99,6 +88,9 @@ impl WorkerIdLock {
         }
     }
 
+    /// Tries to take the lock on a new connection. When it is held by this process's own earlier
+    /// session (a connection that broke while the server still thinks it alive), ends that
+    /// session and tries again; held by any other session, it is another process's.
     async fn try_take(&mut self) -> Result<bool, DbError> {
         let mut config = db::connection_config(&self.url, "hookfleet-worker-id")?;
         // Server-side keepalives: a lock held by a host that vanished must not outlive it by the
@@ -113,16 +105,37 @@ impl WorkerIdLock {
                 tracing::debug!(%error, "WORKER_ID lock connection closed");
             }
         });
-        let row = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1::int4, hashtext($2::text))",
-                &[&WORKER_ID_LOCK_CLASS, &self.worker_id],
-            )
-            .await?;
-        let taken: bool = row.try_get(0)?;
-        if taken {
-            self.client = Some(client);
+        for _ in 0..2 {
+            let row = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1::int4, hashtext($2::text)), pg_backend_pid(), \
+                            (SELECT l.pid FROM pg_locks l \
+                             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                               AND l.classid::bigint = $1::int4::bigint \
+                               AND l.objid::bigint = (hashtext($2::text)::bigint & 4294967295) \
+                               AND l.pid <> pg_backend_pid() LIMIT 1)",
+                    &[&WORKER_ID_LOCK_CLASS, &self.worker_id],
+                )
+                .await?;
+            let taken: bool = row.try_get(0)?;
+            if taken {
+                self.backend_pid = Some(row.try_get(1)?);
+                self.client = Some(client);
+                return Ok(true);
+            }
+            let holder: Option<i32> = row.try_get(2)?;
+            match (holder, self.backend_pid) {
+                (Some(holder), Some(ours)) if holder == ours => {
+                    tracing::warn!(
+                        pid = holder,
+                        "ending this worker's own stale session that still holds its WORKER_ID lock"
+                    );
+                    client.execute("SELECT pg_terminate_backend($1, 5000)", &[&holder]).await?;
+                }
+                _ => return Ok(false),
+            }
         }
-        Ok(taken)
+        Ok(false)
     }
 }

@@ -52,8 +52,9 @@ const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 const MIN_TOKEN_WAIT: Duration = Duration::from_millis(5);
 /// When another claim was deciding for a webhook at the same moment: look again soon. A webhook
 /// that stays contended (another session holds its row: an operator's open transaction, a
-/// delete's cascade) is looked at less and less often, up to `POLL_INTERVAL`.
+/// delete's cascade) is looked at less and less often, down to every [`CONTENDED_WAIT_MAX`].
 const CONTENDED_WAIT: Duration = Duration::from_millis(2);
+const CONTENDED_WAIT_MAX: Duration = Duration::from_millis(100);
 /// While a webhook waits for capacity other workers may free: how soon to look again.
 const CAPACITY_RECHECK: Duration = Duration::from_millis(100);
 /// The least time an attempt starts with (less when its own timeout is shorter): a claimed row whose
@@ -339,7 +340,8 @@ impl Engine {
             series: HashMap::new(),
         };
         let mut failures = 0u32;
-        let mut contended_claims = 0u32;
+        // Consecutive claims in which each webhook was contended.
+        let mut contended_for: HashMap<i64, u32> = HashMap::new();
         loop {
             // Wait for one free slot, then take whatever else is free, up to a batch.
             let first = tokio::select! {
@@ -388,6 +390,11 @@ impl Engine {
             self.record_holds(&claim);
             let Claim { deliveries, rate_limited, held_for_capacity, contended, .. } = claim;
             let drained = deliveries.len() < requested;
+            contended_for.retain(|webhook_id, _| contended.contains(webhook_id));
+            for webhook_id in &contended {
+                let claims = contended_for.entry(*webhook_id).or_default();
+                *claims = claims.saturating_add(1);
+            }
             permits.truncate(deliveries.len());
             if !deliveries.is_empty() {
                 self.start_attempts(deliveries, permits, &mut webhooks, context, attempts).await;
@@ -405,12 +412,11 @@ impl Engine {
                     .min();
                 let mut pause = next_token
                     .map_or(settings.poll_interval, |wait| wait.max(MIN_TOKEN_WAIT).min(settings.poll_interval));
-                if contended.is_empty() {
-                    contended_claims = 0;
-                } else {
-                    contended_claims = contended_claims.saturating_add(1);
-                    let wait = CONTENDED_WAIT.saturating_mul(1 << contended_claims.min(10).saturating_sub(1));
-                    pause = pause.min(wait);
+                // The least contended webhook decides: one another session holds for long must not
+                // slow the look at one that only met another claim.
+                if let Some(claims) = contended_for.values().min() {
+                    let wait = CONTENDED_WAIT.saturating_mul(1 << (*claims).min(10).saturating_sub(1));
+                    pause = pause.min(wait.min(CONTENDED_WAIT_MAX));
                 }
                 // Our own attempts settling wake us at once; capacity freed by other workers (a
                 // fleet-wide max_in_flight) is looked for again soon.
@@ -454,8 +460,9 @@ impl Engine {
                 // Give the rows back untouched rather than burn their retries on our own trouble.
                 self.metrics.database_errors_total.with_label_values(&["load_webhooks"]).inc();
                 tracing::warn!(%error, "cannot load webhooks; releasing the claimed deliveries");
-                let ids: Vec<i64> = claimed.iter().map(|delivery| delivery.delivery_id).collect();
-                if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &ids).await {
+                let claims: Vec<_> =
+                    claimed.iter().map(|delivery| (delivery.delivery_id, delivery.locked_until)).collect();
+                if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &claims).await {
                     tracing::warn!(%error, "cannot release deliveries; their leases will expire");
                 }
                 return;
@@ -476,12 +483,12 @@ impl Engine {
                         .attempt_timeout(target.timeout, delivery.lease_deadline.saturating_duration_since(now))
                         .is_none() =>
                 {
-                    out_of_time.push(delivery.delivery_id);
+                    out_of_time.push((delivery.delivery_id, delivery.locked_until));
                     continue;
                 }
                 Some(Ok(target)) if target.enabled => target.clone(),
                 Some(Ok(_)) => {
-                    disabled.push(delivery.delivery_id);
+                    disabled.push((delivery.delivery_id, delivery.locked_until));
                     continue;
                 }
                 Some(Err(reason)) => {
@@ -554,9 +561,12 @@ async fn attempt(
             let Some(timeout) = settings.attempt_timeout(target.timeout, lease_left) else {
                 metrics.worker_in_flight.dec();
                 tracing::warn!("too little of the lease is left to attempt; releasing the delivery");
-                let ids = [delivery.delivery_id];
-                if let Err(error) = context.queue.release(&settings.identity.worker_id, &ids).await {
-                    tracing::warn!(%error, "cannot release the delivery; its lease will expire");
+                let claim = [(delivery.delivery_id, delivery.locked_until)];
+                let release = context.queue.release(&settings.identity.worker_id, &claim);
+                match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, release).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "cannot release the delivery; its lease will expire"),
+                    Err(_) => tracing::warn!("releasing the delivery timed out; its lease will expire"),
                 }
                 return;
             };
