@@ -59,14 +59,31 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A session stuck in a transaction would hold row locks that block claims fleet-wide.
+const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=60000";
+
 /// Parses `DATABASE_URL` (URL or key=value form) and tags the sessions with `application_name`.
 pub fn connection_config(url: &str, application_name: &str) -> Result<tokio_postgres::Config, DbError> {
+    connection_config_with_options(url, application_name, SESSION_OPTIONS)
+}
+
+/// [`connection_config`] with hookfleet's own session `options` (`-c name=value …`). Options the
+/// URL already carries (a managed service's endpoint, a search path) are kept: they come after
+/// ours, so an operator's setting of the same name wins.
+pub fn connection_config_with_options(
+    url: &str,
+    application_name: &str,
+    options: &str,
+) -> Result<tokio_postgres::Config, DbError> {
     let mut config = tokio_postgres::Config::from_str(url).map_err(|error| DbError::InvalidUrl(error.to_string()))?;
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
-    // A session stuck in a transaction would hold row locks that block claims fleet-wide.
-    config.options("-c idle_in_transaction_session_timeout=60000");
+    let combined = match config.get_options().map(str::trim) {
+        Some(theirs) if !theirs.is_empty() => format!("{options} {theirs}"),
+        _ => options.to_owned(),
+    };
+    config.options(combined);
     config.connect_timeout(Duration::from_secs(10));
     // Notice a database that vanished without closing the connection (failover, partition).
     config.keepalives(true).keepalives_idle(Duration::from_secs(30));
@@ -89,10 +106,10 @@ pub fn worker_pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
 }
 
 fn build_pool(url: &str, application_name: &str, max_size: usize, extra_options: &str) -> Result<Pool, DbError> {
-    let mut config = connection_config(url, application_name)?;
     // The fleet's own statements take milliseconds; one that runs for 30 s is stuck (or behind a
     // lock someone forgot), and failing it lets the caller's retry logic take over.
-    config.options(format!("-c idle_in_transaction_session_timeout=60000 -c statement_timeout=30000{extra_options}"));
+    let options = format!("{SESSION_OPTIONS} -c statement_timeout=30000{extra_options}");
+    let config = connection_config_with_options(url, application_name, &options)?;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(max_size)

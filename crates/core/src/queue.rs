@@ -359,7 +359,8 @@ impl Queue {
             let status: String = row.try_get(0)?;
             let count: i64 = row.try_get(1)?;
             if let Some(age) = row.try_get::<_, Option<f64>>(2)? {
-                depth.oldest_due_age = Duration::from_secs_f64(age.max(0.0));
+                // Never panic on what the database answers (an infinite or NaN age).
+                depth.oldest_due_age = Duration::try_from_secs_f64(age.max(0.0)).unwrap_or(Duration::MAX);
             }
             depth.by_status.push((status, count));
         }

@@ -534,6 +534,26 @@ async fn an_empty_event_type_or_ordering_key_is_refused() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_deliver_at_that_is_not_a_finite_time_is_refused() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    for when in ["-infinity", "infinity"] {
+        let message = assert_refused(
+            &client,
+            &format!(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, deliver_at) VALUES ($1, '{{}}', '{when}')"
+            ),
+            &[&hook],
+            &SqlState::CHECK_VIOLATION,
+            None,
+        )
+        .await;
+        assert!(message.contains("deliver_at must be a finite time"), "{message}");
+    }
+}
+
+#[tokio::test]
 async fn a_minimal_insert_gets_the_documented_defaults() {
     let db = database().await;
     let client = db.client().await;
@@ -2332,7 +2352,8 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V7__claim_fixes_and_retention_index",
                 "V8__covering_due_index",
                 "V9__cheaper_claim_and_write_back",
-                "V10__review_fixes"
+                "V10__review_fixes",
+                "V11__finite_deliver_at"
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2386,6 +2407,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V8__covering_due_index".to_owned(),
                 "V9__cheaper_claim_and_write_back".to_owned(),
                 "V10__review_fixes".to_owned(),
+                "V11__finite_deliver_at".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2399,7 +2421,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await
@@ -2768,4 +2790,30 @@ async fn worker_sessions_commit_asynchronously_with_statement_timeouts() {
         let value: String = client.query_one(&format!("SHOW {setting}"), &[]).await.expect(setting).get(0);
         assert_eq!(value, expected, "{setting}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Sessions
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn options_in_the_database_url_are_kept_beside_hookfleets_own_session_settings() {
+    let db = database().await;
+    let url = format!("{} options='-c work_mem=7MB -c statement_timeout=45s'", db.url);
+    let pool = hookfleet_core::db::worker_pool(&url, 1).expect("pool");
+    let session = pool.get().await.expect("session");
+    let row = session
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('synchronous_commit'), \
+             current_setting('idle_in_transaction_session_timeout'), current_setting('statement_timeout')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    let settings: (String, String, String, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        settings,
+        ("7MB".into(), "off".into(), "1min".into(), "45s".into()),
+        "the URL's own options are kept beside the worker's, and an operator's setting of the same name wins"
+    );
 }

@@ -92,13 +92,14 @@ impl WorkerIdLock {
     /// session (a connection that broke while the server still thinks it alive), ends that
     /// session and tries again; held by any other session, it is another process's.
     async fn try_take(&mut self) -> Result<bool, DbError> {
-        let mut config = db::connection_config(&self.url, "hookfleet-worker-id")?;
         // Server-side keepalives: a lock held by a host that vanished must not outlive it by the
         // kernel default of two hours.
-        config.options(
+        let config = db::connection_config_with_options(
+            &self.url,
+            "hookfleet-worker-id",
             "-c idle_in_transaction_session_timeout=60000 -c tcp_keepalives_idle=20 \
              -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
-        );
+        )?;
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
