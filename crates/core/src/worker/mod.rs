@@ -82,6 +82,11 @@ pub enum WorkerError {
          WORKER_ID, or leave it unset (host and pid)"
     )]
     WorkerIdInUse(String),
+    #[error(
+        "stopped while still holding {held}: they return to pending when their lease (HOOKFLEET_LEASE, {lease:?}) \
+         expires"
+    )]
+    LeftHeld { held: StillHeld, lease: Duration },
 }
 
 /// The settings the engine runs with, taken from [`Config`].
@@ -184,7 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let engine = Engine { settings: Arc::new(settings), queue, store, client, metrics, database_url };
     let id_lost = CancellationToken::new();
     let keeper = tokio::spawn(identity.keep(shutdown.clone(), id_lost.clone()));
-    engine.run(shutdown, &id_lost).await;
+    let still_held = engine.run(shutdown, &id_lost).await;
     keeper.abort();
     if let Ok(Err(error)) = metrics_server.await {
         tracing::warn!(%error, "metrics server stopped with an error");
@@ -192,7 +197,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     if id_lost.is_cancelled() {
         return Err(WorkerError::WorkerIdInUse(config.worker_id.clone()));
     }
-    Ok(())
+    match still_held {
+        StillHeld::None => Ok(()),
+        held => Err(WorkerError::LeftHeld { held, lease: config.lease }),
+    }
+}
+
+/// What a worker still held when it stopped: rows that come back only through their lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StillHeld {
+    None,
+    Rows(usize),
+    /// The release failed, so how many is not known.
+    Unknown,
+}
+
+impl std::fmt::Display for StillHeld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StillHeld::None => f.write_str("no deliveries"),
+            StillHeld::Rows(1) => f.write_str("1 delivery"),
+            StillHeld::Rows(rows) => write!(f, "{rows} deliveries"),
+            StillHeld::Unknown => f.write_str("deliveries (the release failed, so how many is not known)"),
+        }
+    }
 }
 
 /// The delivery client options a process derives from its configuration.
@@ -239,7 +267,7 @@ impl Engine {
     /// Runs until `shutdown`. `id_lost` fires when another live process took this `WORKER_ID`:
     /// then whatever that id holds may be the other process's, so nothing is released or
     /// deregistered on the way out.
-    pub async fn run(self, shutdown: CancellationToken, id_lost: &CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken, id_lost: &CancellationToken) -> StillHeld {
         let settings = self.settings.clone();
         let worker_id = settings.identity.worker_id.clone();
         let wake = Arc::new(Notify::new());
@@ -301,7 +329,7 @@ impl Engine {
         services.wait().await;
         if id_lost.is_cancelled() {
             tracing::error!(%worker_id, "stopped without releasing or deregistering: another process now has this WORKER_ID");
-            return;
+            return StillHeld::Unknown;
         }
         let sent = unwritten.ids();
         if !sent.is_empty() {
@@ -310,11 +338,18 @@ impl Engine {
                 "results not written back; those deliveries stay in flight (not released) and return after their lease"
             );
         }
+        let mut still_held = if sent.is_empty() { StillHeld::None } else { StillHeld::Rows(sent.len()) };
         match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.release_held(&worker_id, &sent)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => tracing::info!(released, "released unfinished deliveries to pending"),
-            Ok(Err(error)) => tracing::warn!(%error, "cannot release held deliveries; their leases will expire"),
-            Err(_) => tracing::warn!("releasing held deliveries timed out; their leases will expire"),
+            Ok(Err(error)) => {
+                still_held = StillHeld::Unknown;
+                tracing::warn!(%error, "cannot release held deliveries; their leases will expire");
+            }
+            Err(_) => {
+                still_held = StillHeld::Unknown;
+                tracing::warn!("releasing held deliveries timed out; their leases will expire");
+            }
         }
         match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.deregister(&worker_id)).await {
             Ok(Ok(())) => {}
@@ -322,6 +357,7 @@ impl Engine {
             Err(_) => tracing::warn!("deregistering timed out; the registry forgets silent workers"),
         }
         tracing::info!(%worker_id, "worker stopped");
+        still_held
     }
 
     async fn claim_loop(
