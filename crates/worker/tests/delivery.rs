@@ -834,3 +834,39 @@ async fn a_worker_that_loses_its_worker_id_lock_takes_it_again_or_gives_way_with
         "and it does not deregister the id"
     );
 }
+
+/// A worker that claims rows but cannot load their webhook backs off like a failed claim instead
+/// of claiming, failing and releasing in a loop, and delivers once the webhook can be loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_load_that_fails_backs_off_instead_of_spinning() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let worker = WorkerProcess::spawn(worker_binary(), &db, "w-load", &[]);
+    let client = db.client().await;
+    // The claim does not read the URL column; loading the webhook does, and now fails.
+    client
+        .batch_execute("ALTER TABLE hookfleet.webhooks RENAME COLUMN url_encrypted TO url_encrypted_away")
+        .await
+        .expect("break the load");
+    let id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let failures = || async {
+        let (_, text) = worker.get("/metrics").await.unwrap_or_default();
+        text.lines()
+            .find(|line| line.starts_with("hookfleet_database_errors_total{operation=\"load_webhooks\"}"))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eventually(DEADLINE, "a failed webhook load", || async { (failures().await >= 1.0).then_some(()) }).await;
+    // The fault lasts three seconds: backing off (100 ms doubling) makes a handful of tries.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = failures().await;
+    assert!(tries <= 8.0, "{tries} failed loads in about 3 s: the worker spins");
+    client
+        .batch_execute("ALTER TABLE hookfleet.webhooks RENAME COLUMN url_encrypted_away TO url_encrypted")
+        .await
+        .expect("mend the load");
+    let (_, retries, ..) = db.wait_for_status(id, "delivered").await;
+    assert_eq!(retries, 0, "the failed loads used no try");
+}

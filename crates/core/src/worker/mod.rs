@@ -376,6 +376,7 @@ impl Engine {
             series: HashMap::new(),
         };
         let mut failures = 0u32;
+        let mut load_failures = 0u32;
         // Consecutive claims in which each webhook was contended.
         let mut contended_for: HashMap<i64, u32> = HashMap::new();
         loop {
@@ -432,9 +433,20 @@ impl Engine {
                 *claims = claims.saturating_add(1);
             }
             permits.truncate(deliveries.len());
-            if !deliveries.is_empty() {
-                self.start_attempts(deliveries, permits, &mut webhooks, context, attempts).await;
+            if !deliveries.is_empty()
+                && !self.start_attempts(deliveries, permits, &mut webhooks, context, attempts).await
+            {
+                // The webhooks could not be loaded (the rows went back): back off like a failed
+                // claim rather than claim, fail and release in a loop that spends the webhooks'
+                // tokens and probes.
+                load_failures += 1;
+                let pause = database_backoff(load_failures);
+                if sleep_or_shutdown(pause, shutdown).await {
+                    return;
+                }
+                continue;
             }
+            load_failures = 0;
             if drained {
                 // Nothing more may start now: sleep until an INSERT notifies us, the next token of
                 // a rate-limited webhook is due, one of our attempts settles while a webhook waits
@@ -482,6 +494,8 @@ impl Engine {
         }
     }
 
+    /// Starts an attempt for each claimed delivery that can have one. False when the webhooks
+    /// could not be loaded (the rows were given back).
     async fn start_attempts(
         &self,
         claimed: Vec<ClaimedDelivery>,
@@ -489,7 +503,7 @@ impl Engine {
         webhooks: &mut PerWebhook,
         context: &Arc<AttemptContext>,
         attempts: &TaskTracker,
-    ) {
+    ) -> bool {
         let targets = match webhooks.targets.resolve(&claimed).await {
             Ok(targets) => targets,
             Err(error) => {
@@ -501,7 +515,7 @@ impl Engine {
                 if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &claims).await {
                     tracing::warn!(%error, "cannot release deliveries; their leases will expire");
                 }
-                return;
+                return false;
             }
         };
         let worker_id = &self.settings.identity.worker_id;
@@ -566,6 +580,7 @@ impl Engine {
                 tracing::warn!(%error, "cannot defer deliveries of an unusable webhook");
             }
         }
+        true
     }
 }
 
