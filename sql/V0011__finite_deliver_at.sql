@@ -42,6 +42,9 @@ BEGIN
 END
 $$;
 
--- Rows already queued that way: '-infinity' meant "due now".
+-- Rows already queued that way, pending or in flight (a release keeps next_attempt_at):
+-- '-infinity' meant "due now". Each statement reads one partial index, not the whole table.
 UPDATE hookfleet.delivery_queue SET next_attempt_at = now()
 WHERE delivery_status = 'pending' AND next_attempt_at = '-infinity';
+UPDATE hookfleet.delivery_queue SET next_attempt_at = now()
+WHERE delivery_status = 'in_flight' AND next_attempt_at = '-infinity';

@@ -693,18 +693,21 @@ async fn complete(
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
         let (records, slots): (Vec<AttemptRecord>, Vec<Slot>) = batch.drain(..).unzip();
-        let written = write_back(&queue, &settings, &metrics, &records).await;
-        unwritten.remove(&written);
+        write_back(&queue, &settings, &metrics, &records).await;
+        // Written, or given up on (those rows come back through their lease): either way no
+        // longer waiting, and never to be reported as held at shutdown.
+        let ids: Vec<i64> = records.iter().map(|record| record.delivery_id).collect();
+        unwritten.remove(&ids);
         drop(slots);
         settled.notify_one();
     }
 }
 
-/// Writes one batch (answering the deliveries whose results it wrote), retrying through database outages for up to one lease: after that the rows
+/// Writes one batch, retrying through database outages for up to one lease: after that the rows
 /// have been rescued by another worker and the fenced write would settle nothing anyway. A batch
 /// the database refuses as data (SQLSTATE classes 22 and 23) is split, so that one bad record
 /// cannot keep the others from settling.
-async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) -> Vec<i64> {
+async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) {
     let deadline = Instant::now() + settings.lease;
     let mut failures = 0;
     loop {
@@ -721,19 +724,19 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                         "write-back matched no row for some attempts: lease lost"
                     );
                 }
-                return batch.iter().map(|record| record.delivery_id).collect();
+                return;
             }
             Err(error) if is_data_error(&error) => {
                 metrics.database_errors_total.with_label_values(&["complete"]).inc();
                 if let [record] = batch {
                     tracing::error!(%error, delivery_id = record.delivery_id, "the database refuses this result; the row returns after its lease");
-                    return Vec::new();
+                    return;
                 }
                 tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
                 let (left, right) = batch.split_at(batch.len() / 2);
-                let mut written = Box::pin(write_back(queue, settings, metrics, left)).await;
-                written.extend(Box::pin(write_back(queue, settings, metrics, right)).await);
-                return written;
+                Box::pin(write_back(queue, settings, metrics, left)).await;
+                Box::pin(write_back(queue, settings, metrics, right)).await;
+                return;
             }
             Err(error) => {
                 failures += 1;
@@ -741,7 +744,7 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                 let pause = database_backoff(failures);
                 if Instant::now() + pause > deadline {
                     tracing::error!(%error, rows = batch.len(), "giving up writing results back; the rows will be delivered again after their lease");
-                    return Vec::new();
+                    return;
                 }
                 tracing::warn!(%error, rows = batch.len(), retry_in = ?pause, "cannot write results back; retrying");
                 tokio::time::sleep(pause).await;
@@ -823,9 +826,9 @@ impl Busy {
     }
 }
 
-/// Deliveries whose attempt finished but whose result is not written back (yet, or ever: a
-/// write-back that gave up leaves them here), counted per delivery because one process may hold
-/// an expired claim's result and a newer claim's of the same row.
+/// Deliveries whose attempt finished and whose result the completer has not taken up yet, counted
+/// per delivery because one process may hold an expired claim's result and a newer claim's of the
+/// same row.
 #[derive(Default)]
 struct Unwritten(std::sync::Mutex<HashMap<i64, u32>>);
 
