@@ -17,6 +17,9 @@
 --   max_lease_expiries times (a message that kills or stalls every worker that takes it) is dead.
 --   The rescued row keeps the expired claim's locked_by and locked_until until it is claimed again,
 --   so that claim's late result still settles it (a late success is never lost to a rescue).
+-- * A producer's deliver_at of 'infinity' or '-infinity' is refused (issue 12): copied into
+--   next_attempt_at it made the depth sample's age infinite (a panic in every worker on
+--   PostgreSQL 17, a sampler error on 15 and 16) and a row due forever or never.
 -- * Every change to a webhook bumps its version (a trigger), so running workers reload it.
 -- * Health rows are created with their webhook, so the write-back never inserts one (an insert
 --   waits on the webhook's row, which a DELETE holds while it waits for the write-back's rows).
@@ -28,7 +31,7 @@ ALTER TABLE hookfleet.delivery_queue ADD COLUMN lease_expiries integer NOT NULL 
 COMMENT ON COLUMN hookfleet.delivery_queue.lease_expiries IS
     'How often a claim of this row expired before its result was written (worker killed or stalled); not a try';
 
--- Producers' rows start with no lease history, whatever the INSERT says.
+-- Producers' rows start with no lease history, whatever the INSERT says, and at a finite time.
 CREATE OR REPLACE FUNCTION hookfleet.delivery_queue_check_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -39,6 +42,11 @@ BEGIN
         RAISE EXCEPTION 'hookfleet: message_body is % bytes, over the limit of % bytes', body_bytes, limit_bytes
             USING ERRCODE = 'program_limit_exceeded',
                   HINT = 'The limit is HOOKFLEET_MAX_BODY_BYTES, applied by hookfleet migrate (see hookfleet.settings).';
+    END IF;
+    IF NOT isfinite(NEW.deliver_at) THEN
+        RAISE EXCEPTION 'hookfleet: deliver_at must be a finite time, not %', NEW.deliver_at
+            USING ERRCODE = 'check_violation',
+                  HINT = 'Leave deliver_at out to deliver now, or give the time to deliver at.';
     END IF;
     IF NEW.delivery_status <> 'pending' THEN
         RAISE EXCEPTION 'hookfleet: new deliveries must be inserted as pending, not %', NEW.delivery_status
@@ -62,6 +70,13 @@ BEGIN
     RETURN NEW;
 END
 $$;
+
+-- Rows queued before this check at deliver_at '-infinity', pending or in flight (a release keeps next_attempt_at):
+-- '-infinity' meant "due now". Each statement reads one partial index, not the whole table.
+UPDATE hookfleet.delivery_queue SET next_attempt_at = now()
+WHERE delivery_status = 'pending' AND next_attempt_at = '-infinity';
+UPDATE hookfleet.delivery_queue SET next_attempt_at = now()
+WHERE delivery_status = 'in_flight' AND next_attempt_at = '-infinity';
 
 -- A replay gives a fresh budget of tries and of lease expiries.
 CREATE OR REPLACE FUNCTION hookfleet.replay_delivery(delivery_id bigint) RETURNS text
@@ -395,12 +410,10 @@ BEGIN
             SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until INTO health
             FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = hook.webhook_id;
             IF FOUND AND health.circuit_state <> 'closed' THEN
-                CONTINUE WHEN health.circuit_state = 'open' AND health.circuit_open_until > now_at;
-                CONTINUE WHEN health.circuit_state = 'half_open' AND health.circuit_probe_until > now_at;
-                -- The open period is over (or the last probe was lost): exactly one probe. Marking
-                -- it out writes the health row, which a write-back may hold right now: take the
-                -- row here without waiting, so that a claim never waits for any lock (and so can
-                -- never be part of a deadlock), and decide again on what the row says now.
+                -- Not closed: perhaps a probe is due. Marking one out writes the health row, which a
+                -- write-back may hold right now: take the row without waiting, so that a claim
+                -- never waits for any lock (and so is never part of a deadlock), and decide on what
+                -- it says now.
                 SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until INTO health
                 FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = hook.webhook_id
                 FOR UPDATE SKIP LOCKED;
@@ -411,6 +424,7 @@ BEGIN
                 IF health.circuit_state <> 'closed' THEN
                     CONTINUE WHEN health.circuit_state = 'open' AND health.circuit_open_until > now_at;
                     CONTINUE WHEN health.circuit_state = 'half_open' AND health.circuit_probe_until > now_at;
+                    -- The open period is over (or the last probe was lost): exactly one probe.
                     is_probe := true;
                     allowance := 1;
                     bound := NULL;

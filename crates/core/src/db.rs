@@ -123,7 +123,16 @@ fn build_pool(url: &str, application_name: &str, max_size: usize, extra_options:
 /// One dedicated connection outside the pool (migrations, LISTEN). The connection task runs on
 /// the current runtime and ends when the client is dropped.
 pub async fn connect(url: &str, application_name: &str) -> Result<tokio_postgres::Client, DbError> {
-    let config = connection_config(url, application_name)?;
+    connect_with_options(url, application_name, SESSION_OPTIONS).await
+}
+
+/// [`connect`] with hookfleet's own session `options` (see [`connection_config_with_options`]).
+pub async fn connect_with_options(
+    url: &str,
+    application_name: &str,
+    options: &str,
+) -> Result<tokio_postgres::Client, DbError> {
+    let config = connection_config_with_options(url, application_name, options)?;
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {

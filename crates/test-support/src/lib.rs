@@ -567,6 +567,18 @@ print('verified')\n";
     }
 }
 
+/// Claims up to `n` rows through `hookfleet.get_ready_deliveries` as `worker` with a 60 s lease, on
+/// a client or in an open transaction (a claim at a `psql` prompt); the ids in the order returned.
+pub async fn psql_claim(client: &impl tokio_postgres::GenericClient, worker: &str, n: i32) -> Vec<i64> {
+    client
+        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries($1, $2, interval '60 seconds')", &[&worker, &n])
+        .await
+        .expect("claim")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// Opens `webhook_id`'s circuit with one failure (threshold 1, open for 60 s); its health status.
 pub async fn open_circuit(client: &tokio_postgres::Client, webhook_id: i64) -> Option<String> {
     client

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use hookfleet_core::queue::{AttemptRecord, BreakerSettings, ClaimLimits, ClaimedDelivery, Outcome, Queue};
 use hookfleet_core::webhooks::NewWebhook;
-use hookfleet_test_support::{database, eventually, open_circuit, pass_open_period, TestDatabase};
+use hookfleet_test_support::{database, eventually, open_circuit, pass_open_period, psql_claim, TestDatabase};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
@@ -90,11 +90,10 @@ fn record(claimed: &ClaimedDelivery, outcome: Outcome, status_code: u16) -> Atte
     }
 }
 
-/// Waits for a claim's lease (taken with `lease`) to pass and rescues it; `max_expiries` as the
-/// rescue service passes it.
+/// Waits for a claim's lease (taken with `lease`) to pass, running the rescue until it takes the
+/// row; `max_expiries` as the rescue service passes it.
 async fn expire_and_rescue(queue: &Queue, lease: Duration, max_expiries: u32) {
-    tokio::time::sleep(lease + Duration::from_millis(20)).await;
-    eventually(DEADLINE, "the lease rescue to take the row", || async {
+    eventually(DEADLINE + lease, "the lease to expire and the rescue to take the row", || async {
         (queue.rescue_expired(100, max_expiries).await.expect("rescue") == 1).then_some(())
     })
     .await;
@@ -147,11 +146,7 @@ async fn an_open_psql_claim_stalls_no_worker_claim() {
     insert(&client, at_psql, None).await;
     let mut operator = db.client().await;
     let open = operator.transaction().await.expect("begin");
-    let taken = open
-        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries('psql', 10, interval '60 seconds')", &[])
-        .await
-        .expect("psql claim");
-    assert_eq!(taken.len(), 1);
+    assert_eq!(psql_claim(&open, "psql", 10).await.len(), 1);
     insert(&client, at_psql, None).await;
     let theirs = insert(&client, other, None).await;
     let claim = tokio::time::timeout(Duration::from_secs(10), queue.claim("w1", 10, DEADLINE, &worker_limits(10.0)))
@@ -182,14 +177,7 @@ async fn a_psql_claim_and_a_replay_never_put_two_rows_of_one_key_in_flight() {
     // A claim at a psql prompt takes the key's next row and stays open...
     let mut operator = db.client().await;
     let open = operator.transaction().await.expect("begin");
-    let taken: Vec<i64> = open
-        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries('psql', 10, interval '60 seconds')", &[])
-        .await
-        .expect("psql claim")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(taken, [second]);
+    assert_eq!(psql_claim(&open, "psql", 10).await, [second]);
     // ...while someone replays the first row and a worker claims.
     client.execute("SELECT hookfleet.replay_delivery($1)", &[&first]).await.expect("replay");
     let during = queue.claim("w1", 10, DEADLINE, &worker_limits(10.0)).await.expect("claim during");

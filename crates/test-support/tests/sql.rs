@@ -14,7 +14,7 @@ use hookfleet_core::queue::{
     AttemptRecord, BreakerSettings, ClaimLimits, ClaimedDelivery, Outcome, Queue, WorkerIdentity,
 };
 use hookfleet_core::webhooks::NewWebhook;
-use hookfleet_test_support::{database, open_circuit, pass_open_period, TestDatabase};
+use hookfleet_test_support::{database, open_circuit, pass_open_period, psql_claim, TestDatabase};
 use serde_json::json;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
@@ -145,13 +145,7 @@ async fn cancel(client: &Client, delivery_id: i64) -> (bool, String) {
 
 /// Claims through `hookfleet.get_ready_deliveries` with a 60 s lease; ids in the order returned.
 async fn claim(client: &Client, worker: &str, n: i32) -> Vec<i64> {
-    client
-        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries($1, $2, interval '60 seconds')", &[&worker, &n])
-        .await
-        .expect("claim")
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+    psql_claim(client, worker, n).await
 }
 
 fn sorted(mut ids: Vec<i64>) -> Vec<i64> {
@@ -761,13 +755,7 @@ async fn a_claim_skips_rows_locked_by_an_open_claim_instead_of_waiting() {
     let mut ids = insert_many(&first, hook, 3).await;
 
     let transaction = first.transaction().await.expect("begin");
-    let held: Vec<i64> = transaction
-        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries('a', 3, interval '60 seconds')", &[])
-        .await
-        .expect("claim in an open transaction")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let held = psql_claim(&transaction, "a", 3).await;
     assert_eq!(sorted(held.clone()), ids[..3]);
     ids.extend(insert_many(&second, other_hook, 3).await);
     // The open transaction still holds its rows: the second claim must skip them, not wait.
@@ -2353,7 +2341,6 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V8__covering_due_index",
                 "V9__cheaper_claim_and_write_back",
                 "V10__review_fixes",
-                "V11__finite_deliver_at"
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2407,7 +2394,6 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V8__covering_due_index".to_owned(),
                 "V9__cheaper_claim_and_write_back".to_owned(),
                 "V10__review_fixes".to_owned(),
-                "V11__finite_deliver_at".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2421,7 +2407,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings", &[])
             .await

@@ -94,18 +94,13 @@ impl WorkerIdLock {
     async fn try_take(&mut self) -> Result<bool, DbError> {
         // Server-side keepalives: a lock held by a host that vanished must not outlive it by the
         // kernel default of two hours.
-        let config = db::connection_config_with_options(
+        let client = db::connect_with_options(
             &self.url,
             "hookfleet-worker-id",
             "-c idle_in_transaction_session_timeout=60000 -c tcp_keepalives_idle=20 \
              -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
-        )?;
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "WORKER_ID lock connection closed");
-            }
-        });
+        )
+        .await?;
         for _ in 0..2 {
             let row = client
                 .query_one(
