@@ -9,7 +9,7 @@
 -- on its way already).
 -- Attempts are recorded even when the lease was lost, because the HTTP request really happened;
 -- ON CONFLICT makes a batch retried after a lost commit reply record each attempt once, and health
--- counts only the attempts this statement inserted.
+-- and lost leases count only the attempts this statement inserted.
 -- Locks follow the one order of hookfleet.webhooks_lock_before_delete: the queue rows first, in
 -- delivery_id order, then the health rows, once per webhook, in webhook_id order, so that
 -- concurrent batches from several workers and a webhook's deletion cannot deadlock.
@@ -86,4 +86,10 @@ health AS (
 )
 SELECT ARRAY(SELECT delivery_id FROM settled) AS settled_ids,
        ARRAY(SELECT webhook_id FROM health ORDER BY webhook_id) AS webhook_ids,
-       ARRAY(SELECT health_status FROM health ORDER BY webhook_id) AS health_statuses
+       ARRAY(SELECT health_status FROM health ORDER BY webhook_id) AS health_statuses,
+       -- Leases lost: attempts recorded now that settled nothing. An attempt already recorded was
+       -- written by an earlier try of this batch whose reply was lost, which settled its row then
+       -- (or found it lost then): not a loss now.
+       ARRAY(SELECT a.delivery_id FROM attempts a
+             WHERE NOT EXISTS (SELECT 1 FROM settled s WHERE s.delivery_id = a.delivery_id)
+             ORDER BY a.delivery_id) AS lost_ids

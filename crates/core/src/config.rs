@@ -269,6 +269,15 @@ const DB_POOL_SIZE: SettingDoc = SettingDoc {
     default: "8",
     description: "PostgreSQL connections per process (1 to 256).",
 };
+const DATABASE_TIMEOUT: SettingDoc = SettingDoc {
+    env: "HOOKFLEET_DATABASE_TIMEOUT",
+    key: "database_timeout",
+    default: "30s",
+    description: "Longest one database call may take (1s to 5m): the server's statement_timeout \
+                  for hookfleet's sessions, and the worker's own limit (2s more) for a server \
+                  that stops answering, after which the connection is dropped and the call \
+                  retried on a new one.",
+};
 const CA_CERTIFICATES: SettingDoc = SettingDoc {
     env: "HOOKFLEET_CA_CERTIFICATES",
     key: "ca_certificates",
@@ -280,7 +289,7 @@ const CA_CERTIFICATES: SettingDoc = SettingDoc {
 
 /// Every setting, in the order the docs list them. The loader can only see environment
 /// variables and file keys listed here (see [`Config::from_env_map`]).
-static SETTINGS: [SettingDoc; 35] = [
+static SETTINGS: [SettingDoc; 36] = [
     CONFIG_FILE,
     DATABASE_URL,
     BATCH_SIZE,
@@ -315,6 +324,7 @@ static SETTINGS: [SettingDoc; 35] = [
     RESPONSE_BODY_CAP,
     HEARTBEAT_INTERVAL,
     DB_POOL_SIZE,
+    DATABASE_TIMEOUT,
     CA_CERTIFICATES,
 ];
 
@@ -371,6 +381,7 @@ pub struct Config {
     pub response_body_cap: usize,
     pub heartbeat_interval: Duration,
     pub db_pool_size: u32,
+    pub database_timeout: Duration,
     /// `HOOKFLEET_CA_CERTIFICATES`, read and checked at load: trusted besides the public roots.
     pub ca_certificates: Vec<CertificateDer<'static>>,
 }
@@ -544,6 +555,9 @@ impl Config {
             response_body_cap: reader.value(&RESPONSE_BODY_CAP, |text| whole_number(text, 0, 16 * 1024 * 1024))?,
             heartbeat_interval,
             db_pool_size: reader.value(&DB_POOL_SIZE, |text| whole_number(text, 1, 256))?,
+            database_timeout: reader.value(&DATABASE_TIMEOUT, |text| {
+                duration_within(text, Minimum::AtLeast(Duration::from_secs(1)), Some(Duration::from_secs(300)))
+            })?,
             ca_certificates: reader.optional(&CA_CERTIFICATES, ca_certificates)?.unwrap_or_default(),
         })
     }
@@ -932,6 +946,7 @@ mod tests {
         assert_eq!(config.response_body_cap, 65_536);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.db_pool_size, 8);
+        assert_eq!(config.database_timeout, Duration::from_secs(30));
         assert!(config.ca_certificates.is_empty());
     }
 
@@ -958,6 +973,7 @@ mod tests {
         ("HOOKFLEET_API_ADDR", "[::1]:8181"),
         ("HOOKFLEET_ENCRYPTION_KEY", "current-key"),
         ("HOOKFLEET_PREVIOUS_ENCRYPTION_KEYS", "old-1, old-2,"),
+        ("HOOKFLEET_DATABASE_TIMEOUT", "45s"),
         ("HOOKFLEET_MAX_IN_FLIGHT", "10000"),
         ("HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK", "300"),
         ("HOOKFLEET_SHUTDOWN_GRACE", "1m 30s"),
@@ -1013,6 +1029,7 @@ mod tests {
         assert_eq!(config.response_body_cap, 0);
         assert_eq!(config.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(config.db_pool_size, 256);
+        assert_eq!(config.database_timeout, Duration::from_secs(45));
         assert_eq!(config.ca_certificates.len(), 1);
     }
 

@@ -34,6 +34,8 @@ pub enum DbError {
     Checkout(#[from] deadpool_postgres::PoolError),
     #[error("the database connection closed")]
     ConnectionClosed,
+    #[error("the database did not answer within {0:?}; the connection was dropped")]
+    TimedOut(Duration),
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
 }
@@ -58,6 +60,12 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
         },
     }
 }
+
+/// How long data sent to the server may stay unacknowledged before the connection is failed.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The server-side statement limit of the pools when the caller has no setting at hand.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A session stuck in a transaction would hold row locks that block claims fleet-wide.
 const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=60000";
@@ -85,30 +93,47 @@ pub fn connection_config_with_options(
     };
     config.options(combined);
     config.connect_timeout(Duration::from_secs(10));
-    // Notice a database that vanished without closing the connection (failover, partition).
-    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    // Notice a database that vanished without closing the connection (failover, partition): an
+    // idle connection is probed after 10 s and given up after 3 unanswered probes 5 s apart, and
+    // data sent but never acknowledged fails the connection after 20 s instead of the kernel's
+    // ~15 minutes of retransmissions. Neither notices a server that acknowledges and never
+    // answers; callers bound their calls for that (`queue::Queue`).
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
     Ok(config)
 }
 
 /// The process-wide pool. `RecyclingMethod::Fast` skips the per-checkout health query; a broken
 /// connection is detected by the failing statement and dropped by deadpool.
 pub fn pool(url: &str, application_name: &str, max_size: usize) -> Result<Pool, DbError> {
-    build_pool(url, application_name, max_size, "")
+    build_pool(url, application_name, max_size, DEFAULT_STATEMENT_TIMEOUT, "")
 }
 
-/// The worker's pool. Its sessions commit asynchronously (no wait for the WAL flush): a worker's
+/// The worker's pool, its statements limited to `statement_timeout` (`HOOKFLEET_DATABASE_TIMEOUT`).
+/// Its sessions commit asynchronously (no wait for the WAL flush): a worker's
 /// commit lost in a PostgreSQL crash only puts a row back to `in_flight` or `pending`, where the
 /// lease rescue finds it and it is delivered again with the same `webhook-id` — the duplicate
 /// around a crash that at-least-once allows — while each claim and write-back saves a disk flush.
 /// Producers' inserts and admin writes keep the server's durability.
-pub fn worker_pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
-    build_pool(url, "hookfleet-worker", max_size, " -c synchronous_commit=off")
+pub fn worker_pool(url: &str, max_size: usize, statement_timeout: Duration) -> Result<Pool, DbError> {
+    build_pool(url, "hookfleet-worker", max_size, statement_timeout, " -c synchronous_commit=off")
 }
 
-fn build_pool(url: &str, application_name: &str, max_size: usize, extra_options: &str) -> Result<Pool, DbError> {
-    // The fleet's own statements take milliseconds; one that runs for 30 s is stuck (or behind a
+fn build_pool(
+    url: &str,
+    application_name: &str,
+    max_size: usize,
+    statement_timeout: Duration,
+    extra_options: &str,
+) -> Result<Pool, DbError> {
+    // The fleet's own statements take milliseconds; one that runs for long is stuck (or behind a
     // lock someone forgot), and failing it lets the caller's retry logic take over.
-    let options = format!("{SESSION_OPTIONS} -c statement_timeout=30000{extra_options}");
+    let options =
+        format!("{SESSION_OPTIONS} -c statement_timeout={}{extra_options}", statement_timeout.as_millis().max(1));
     let config = connection_config_with_options(url, application_name, &options)?;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub worker_health_status: IntGaugeVec,
     pub worker_in_flight: IntGauge,
+    /// Attempt slots taken: attempts in flight plus finished ones whose result is not written back
+    /// yet. At `HOOKFLEET_MAX_IN_FLIGHT` with few in flight, write-backs are stalling claims.
+    pub worker_slots_held: IntGauge,
     pub claim_duration_seconds: Histogram,
     pub claimed_total: IntCounter,
     pub lease_lost_total: IntCounter,
@@ -48,10 +51,11 @@ impl Metrics {
             Opts::new("webhook_deliveries_total", "Delivery attempts by outcome (delivered, retry, dead)"),
             &["status", "webhook_id"],
         )?;
-        // 5 ms .. ~41 s: covers loopback receivers up to the largest HTTP_TIMEOUT people use.
+        // 5 ms .. ~328 s: from loopback receivers up to the longest attempt allowed (HTTP_TIMEOUT
+        // and a webhook's timeout_ms both stop at 5 minutes), so no attempt lands only in +Inf.
         let delivery_duration_seconds = HistogramVec::new(
             HistogramOpts::new("webhook_delivery_duration_seconds", "Duration of one delivery attempt")
-                .buckets(exponential_buckets(0.005, 2.0, 14)?),
+                .buckets(exponential_buckets(0.005, 2.0, 17)?),
             &["webhook_id"],
         )?;
         let queue_depth =
@@ -80,6 +84,10 @@ impl Metrics {
             &["worker_id"],
         )?;
         let worker_in_flight = IntGauge::new("worker_in_flight", "Attempts this worker has in flight")?;
+        let worker_slots_held = IntGauge::new(
+            "worker_slots_held",
+            "Attempt slots taken: attempts in flight plus finished attempts whose result is not written back yet",
+        )?;
         let claim_duration_seconds = Histogram::with_opts(
             HistogramOpts::new("webhook_claim_duration_seconds", "Duration of one claim query")
                 .buckets(exponential_buckets(0.0005, 2.0, 14)?),
@@ -105,6 +113,7 @@ impl Metrics {
         registry.register(Box::new(circuit_state.clone()))?;
         registry.register(Box::new(worker_health_status.clone()))?;
         registry.register(Box::new(worker_in_flight.clone()))?;
+        registry.register(Box::new(worker_slots_held.clone()))?;
         registry.register(Box::new(claim_duration_seconds.clone()))?;
         registry.register(Box::new(claimed_total.clone()))?;
         registry.register(Box::new(lease_lost_total.clone()))?;
@@ -122,11 +131,24 @@ impl Metrics {
             circuit_state,
             worker_health_status,
             worker_in_flight,
+            worker_slots_held,
             claim_duration_seconds,
             claimed_total,
             lease_lost_total,
             database_errors_total,
         })
+    }
+
+    /// Drops every series of one webhook this process exports (deleted, or idle for long), so that
+    /// months of webhooks coming and going do not grow the exposition without bound.
+    pub fn remove_webhook(&self, webhook_id: i64) {
+        let label = webhook_id.to_string();
+        for status in ["delivered", "retry", "dead"] {
+            let _ = self.deliveries_total.remove_label_values(&[status, &label]);
+        }
+        let _ = self.delivery_duration_seconds.remove_label_values(&[&label]);
+        let _ = self.retries_total.remove_label_values(&[&label]);
+        let _ = self.rate_limited_total.remove_label_values(&[&label]);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -127,8 +127,11 @@ pub struct BreakerSettings {
 pub struct CompletionReport {
     /// Rows settled by this worker.
     pub settled: usize,
-    /// Attempts whose row this worker no longer held (lease expired and taken over, or deleted).
+    /// Attempts whose row this worker no longer held (lease expired and taken over, or deleted),
+    /// not counting attempts an earlier try of the same batch already recorded.
     pub lost_leases: usize,
+    /// Their delivery ids.
+    pub lost: Vec<i64>,
     /// Each webhook's `health_status` after this batch (`unavailable` = circuit open).
     pub health: Vec<(i64, String)>,
 }
@@ -137,11 +140,53 @@ pub struct CompletionReport {
 #[derive(Clone)]
 pub struct Queue {
     pool: Pool,
+    call_limit: Duration,
 }
 
+/// How much longer than the server's `statement_timeout` a call may take before the client gives
+/// up on it: long enough for the server's own cancel (a clean error) to arrive first.
+pub const CALL_LIMIT_MARGIN: Duration = Duration::from_secs(2);
+
 impl Queue {
+    /// A queue whose calls each end within the pools' default statement timeout plus
+    /// [`CALL_LIMIT_MARGIN`].
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self::with_call_limit(pool, crate::db::DEFAULT_STATEMENT_TIMEOUT + CALL_LIMIT_MARGIN)
+    }
+
+    /// A queue whose every call (the checkout included) ends within `call_limit`, answered or not:
+    /// `statement_timeout` is enforced by the server, so a server that stops answering (a primary
+    /// frozen or cut off without a reset) would otherwise hang a call, and with it every attempt
+    /// slot waiting on a write-back, for as long as TCP takes to give up.
+    pub fn with_call_limit(pool: Pool, call_limit: Duration) -> Self {
+        Self { pool, call_limit }
+    }
+
+    /// Runs `work` on a pooled connection within the call limit. A call cut off leaves its session
+    /// in an unknown state (the reply may still arrive), so that connection is closed rather than
+    /// returned to the pool, and so is every idle one: a server that stopped answering one session
+    /// has most likely stopped answering all (a failover), and the next call should connect afresh.
+    async fn call<T>(
+        &self,
+        work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let limit = self.call_limit;
+        let client = match tokio::time::timeout(limit, self.pool.get()).await {
+            Ok(client) => client?,
+            Err(_) => {
+                self.pool.retain(|_, _| false);
+                return Err(DbError::TimedOut(limit));
+            }
+        };
+        let outcome = tokio::time::timeout(limit, work(&client)).await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                self.pool.retain(|_, _| false);
+                Err(DbError::TimedOut(limit))
+            }
+        }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -158,59 +203,61 @@ impl Queue {
         lease: Duration,
         limits: &ClaimLimits,
     ) -> Result<Claim, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(CLAIM).await?;
-        let batch_size = i32::try_from(batch_size).unwrap_or(i32::MAX);
-        let burst = limits.default_rate_limit_burst.map(saturating_i32);
-        let webhook_slots = limits.webhook_slots.map(saturating_i32);
-        let (busy_ids, busy_counts): (Vec<i64>, Vec<i32>) =
-            limits.busy.iter().map(|(webhook_id, busy)| (*webhook_id, saturating_i32(*busy))).unzip();
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &worker_id,
-                    &batch_size,
-                    &lease.as_secs_f64(),
-                    &limits.default_rate_limit_rps,
-                    &burst,
-                    &webhook_slots,
-                    &busy_ids,
-                    &busy_counts,
-                ],
-            )
-            .await?;
-        let answered = Instant::now();
-        let mut claim = Claim { deliveries: Vec::with_capacity(rows.len()), ..Claim::default() };
-        for row in &rows {
-            let Some(delivery_id) = row.try_get::<_, Option<i64>>(0)? else {
-                let webhook_id = row.try_get(1)?;
-                match row.try_get::<_, Option<&str>>(11)? {
-                    Some("rate_limit") => claim.rate_limited.push((webhook_id, row.try_get(9)?)),
-                    Some("contended") => claim.contended.push(webhook_id),
-                    _ => claim.held_for_capacity.push(webhook_id),
+        self.call(async |client| {
+            let statement = client.prepare_cached(CLAIM).await?;
+            let batch_size = i32::try_from(batch_size).unwrap_or(i32::MAX);
+            let burst = limits.default_rate_limit_burst.map(saturating_i32);
+            let webhook_slots = limits.webhook_slots.map(saturating_i32);
+            let (busy_ids, busy_counts): (Vec<i64>, Vec<i32>) =
+                limits.busy.iter().map(|(webhook_id, busy)| (*webhook_id, saturating_i32(*busy))).unzip();
+            let rows = client
+                .query(
+                    &statement,
+                    &[
+                        &worker_id,
+                        &batch_size,
+                        &lease.as_secs_f64(),
+                        &limits.default_rate_limit_rps,
+                        &burst,
+                        &webhook_slots,
+                        &busy_ids,
+                        &busy_counts,
+                    ],
+                )
+                .await?;
+            let answered = Instant::now();
+            let mut claim = Claim { deliveries: Vec::with_capacity(rows.len()), ..Claim::default() };
+            for row in &rows {
+                let Some(delivery_id) = row.try_get::<_, Option<i64>>(0)? else {
+                    let webhook_id = row.try_get(1)?;
+                    match row.try_get::<_, Option<&str>>(11)? {
+                        Some("rate_limit") => claim.rate_limited.push((webhook_id, row.try_get(9)?)),
+                        Some("contended") => claim.contended.push(webhook_id),
+                        _ => claim.held_for_capacity.push(webhook_id),
+                    }
+                    continue;
+                };
+                let delivery = ClaimedDelivery {
+                    delivery_id,
+                    webhook_id: row.try_get(1)?,
+                    webhook_version: row.try_get(2)?,
+                    message_id: row.try_get(3)?,
+                    event_type: row.try_get(4)?,
+                    body: row.try_get(5)?,
+                    retry_count: non_negative(row.try_get::<_, i32>(6)?),
+                    max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
+                    created_at: row.try_get(8)?,
+                    locked_until: row.try_get(9)?,
+                    lease_deadline: answered + Duration::try_from_secs_f64(row.try_get(12)?).unwrap_or(Duration::ZERO),
+                };
+                if row.try_get::<_, bool>(10)? {
+                    claim.probes.push(delivery.webhook_id);
                 }
-                continue;
-            };
-            let delivery = ClaimedDelivery {
-                delivery_id,
-                webhook_id: row.try_get(1)?,
-                webhook_version: row.try_get(2)?,
-                message_id: row.try_get(3)?,
-                event_type: row.try_get(4)?,
-                body: row.try_get(5)?,
-                retry_count: non_negative(row.try_get::<_, i32>(6)?),
-                max_retries: row.try_get::<_, Option<i32>>(7)?.map(non_negative),
-                created_at: row.try_get(8)?,
-                locked_until: row.try_get(9)?,
-                lease_deadline: answered + Duration::try_from_secs_f64(row.try_get(12)?).unwrap_or(Duration::ZERO),
-            };
-            if row.try_get::<_, bool>(10)? {
-                claim.probes.push(delivery.webhook_id);
+                claim.deliveries.push(delivery);
             }
-            claim.deliveries.push(delivery);
-        }
-        Ok(claim)
+            Ok(claim)
+        })
+        .await
     }
 
     /// Writes a batch of attempts back in one statement (see `complete_many.sql`).
@@ -253,37 +300,40 @@ impl Queue {
         }
         let threshold = saturating_i32(breaker.failure_threshold);
         let open_seconds = breaker.open_for.as_secs_f64();
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(COMPLETE_MANY).await?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &worker_id,
-                    &delivery_ids,
-                    &webhook_ids,
-                    &outcomes,
-                    &retry_counts,
-                    &retry_delays_ms,
-                    &attempt_numbers,
-                    &status_codes,
-                    &started_ats,
-                    &durations_ms,
-                    &error_classes,
-                    &error_messages,
-                    &excerpts,
-                    &threshold,
-                    &open_seconds,
-                    &locked_untils,
-                ],
-            )
-            .await?;
-        let settled: Vec<i64> = row.try_get(0)?;
-        let webhook_ids: Vec<i64> = row.try_get(1)?;
-        // NULL when the webhook was deleted meanwhile.
-        let statuses: Vec<Option<String>> = row.try_get(2)?;
-        let health = webhook_ids.into_iter().zip(statuses).filter_map(|(id, status)| Some((id, status?))).collect();
-        Ok(CompletionReport { settled: settled.len(), lost_leases: records.len() - settled.len(), health })
+        self.call(async |client| {
+            let statement = client.prepare_cached(COMPLETE_MANY).await?;
+            let row = client
+                .query_one(
+                    &statement,
+                    &[
+                        &worker_id,
+                        &delivery_ids,
+                        &webhook_ids,
+                        &outcomes,
+                        &retry_counts,
+                        &retry_delays_ms,
+                        &attempt_numbers,
+                        &status_codes,
+                        &started_ats,
+                        &durations_ms,
+                        &error_classes,
+                        &error_messages,
+                        &excerpts,
+                        &threshold,
+                        &open_seconds,
+                        &locked_untils,
+                    ],
+                )
+                .await?;
+            let settled: Vec<i64> = row.try_get(0)?;
+            let webhook_ids: Vec<i64> = row.try_get(1)?;
+            // NULL when the webhook was deleted meanwhile.
+            let statuses: Vec<Option<String>> = row.try_get(2)?;
+            let health = webhook_ids.into_iter().zip(statuses).filter_map(|(id, status)| Some((id, status?))).collect();
+            let lost: Vec<i64> = row.try_get(3)?;
+            Ok(CompletionReport { settled: settled.len(), lost_leases: lost.len(), lost, health })
+        })
+        .await
     }
 
     /// Puts rows this worker holds but cannot attempt back to `pending`, due after `delay`, with
@@ -295,37 +345,41 @@ impl Queue {
         delay: Duration,
         reason: &str,
     ) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(DEFER, &[&worker_id, &delivery_ids, &delay.as_secs_f64(), &storable(reason)]).await?)
+        self.call(async |client| {
+            Ok(client.execute(DEFER, &[&worker_id, &delivery_ids, &delay.as_secs_f64(), &storable(reason)]).await?)
+        })
+        .await
     }
 
     /// Returns the given rows, `(delivery_id, the claim's locked_until)`, to `pending` without an
     /// attempt, if this worker still holds them under that claim.
     pub async fn release(&self, worker_id: &str, claims: &[(i64, SystemTime)]) -> Result<u64, DbError> {
         let (delivery_ids, locked_untils): (Vec<i64>, Vec<SystemTime>) = claims.iter().copied().unzip();
-        let client = self.pool.get().await?;
-        Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids, &locked_untils]).await?)
+        self.call(async |client| Ok(client.execute(RELEASE, &[&worker_id, &delivery_ids, &locked_untils]).await?)).await
     }
 
     /// Returns every row this worker still holds in flight to `pending` (graceful shutdown),
     /// except `sent`: attempts that finished but whose results are not written.
     pub async fn release_held(&self, worker_id: &str, sent: &[i64]) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(RELEASE_HELD, &[&worker_id, &sent]).await?)
+        self.call(async |client| Ok(client.execute(RELEASE_HELD, &[&worker_id, &sent]).await?)).await
     }
 
     /// Returns up to `limit` rows whose lease expired to `pending`, or `dead` once their lease has
     /// expired `max_lease_expiries` times (see `rescue_expired.sql`). The number rescued.
     pub async fn rescue_expired(&self, limit: u32, max_lease_expiries: u32) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(RESCUE_EXPIRED).await?;
-        Ok(client.execute(&statement, &[&saturating_i32(limit), &saturating_i32(max_lease_expiries)]).await?)
+        self.call(async |client| {
+            let statement = client.prepare_cached(RESCUE_EXPIRED).await?;
+            Ok(client.execute(&statement, &[&saturating_i32(limit), &saturating_i32(max_lease_expiries)]).await?)
+        })
+        .await
     }
 
     /// Deletes up to `limit` attempts older than `retention`; the number deleted.
     pub async fn prune_attempts(&self, retention: Duration, limit: u32) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(PRUNE_ATTEMPTS, &[&retention.as_secs_f64(), &saturating_i32(limit)]).await?)
+        self.call(async |client| {
+            Ok(client.execute(PRUNE_ATTEMPTS, &[&retention.as_secs_f64(), &saturating_i32(limit)]).await?)
+        })
+        .await
     }
 
     /// Deletes at most `limit` settled deliveries past their retention (`prune_deliveries.sql`).
@@ -335,56 +389,90 @@ impl Queue {
         dead_retention: Duration,
         limit: u32,
     ) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(PRUNE_DELIVERIES).await?;
-        Ok(client
-            .execute(&statement, &[&retention.as_secs_f64(), &dead_retention.as_secs_f64(), &saturating_i32(limit)])
-            .await?)
+        self.call(async |client| {
+            let statement = client.prepare_cached(PRUNE_DELIVERIES).await?;
+            Ok(client
+                .execute(&statement, &[&retention.as_secs_f64(), &dead_retention.as_secs_f64(), &saturating_i32(limit)])
+                .await?)
+        })
+        .await
     }
 
     /// Removes registry rows of workers not seen for `silence` (killed without deregistering).
     pub async fn prune_workers(&self, silence: Duration) -> Result<u64, DbError> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(PRUNE_WORKERS, &[&silence.as_secs_f64()]).await?)
+        self.call(async |client| Ok(client.execute(PRUNE_WORKERS, &[&silence.as_secs_f64()]).await?)).await
     }
 
     /// The fleet's depth sample (pending, in_flight, dead, and the age of the oldest due row),
     /// recounted by this call only if it is older than `max_age` and no other worker is at it.
     pub async fn depth(&self, max_age: Duration) -> Result<QueueDepth, DbError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(QUEUE_DEPTH).await?;
-        let rows = client.query(&statement, &[&max_age.as_secs_f64()]).await?;
-        let mut depth = QueueDepth::default();
-        for row in rows {
-            let status: String = row.try_get(0)?;
-            let count: i64 = row.try_get(1)?;
-            if let Some(age) = row.try_get::<_, Option<f64>>(2)? {
-                // Never panic on what the database answers (an infinite or NaN age).
-                depth.oldest_due_age = Duration::try_from_secs_f64(age.max(0.0)).unwrap_or(Duration::MAX);
+        self.call(async |client| {
+            let statement = client.prepare_cached(QUEUE_DEPTH).await?;
+            let rows = client.query(&statement, &[&max_age.as_secs_f64()]).await?;
+            let mut depth = QueueDepth::default();
+            for row in rows {
+                let status: String = row.try_get(0)?;
+                let count: i64 = row.try_get(1)?;
+                if let Some(age) = row.try_get::<_, Option<f64>>(2)? {
+                    // Never panic on what the database answers (an infinite or NaN age).
+                    depth.oldest_due_age = Duration::try_from_secs_f64(age.max(0.0)).unwrap_or(Duration::MAX);
+                }
+                depth.by_status.push((status, count));
             }
-            depth.by_status.push((status, count));
-        }
-        Ok(depth)
+            Ok(depth)
+        })
+        .await
     }
 
     /// Registers or refreshes this worker in `hookfleet.workers`.
     pub async fn heartbeat(&self, worker: &WorkerIdentity, in_flight: u32) -> Result<(), DbError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(HEARTBEAT).await?;
-        client
-            .execute(
-                &statement,
-                &[&worker.worker_id, &worker.host, &worker.pid, &crate::VERSION, &saturating_i32(in_flight)],
-            )
-            .await?;
-        Ok(())
+        self.call(async |client| {
+            let statement = client.prepare_cached(HEARTBEAT).await?;
+            client
+                .execute(
+                    &statement,
+                    &[&worker.worker_id, &worker.host, &worker.pid, &crate::VERSION, &saturating_i32(in_flight)],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The current version of each of `webhook_ids` that still exists.
+    pub async fn webhook_versions(&self, webhook_ids: &[i64]) -> Result<std::collections::HashMap<i64, i64>, DbError> {
+        self.call(async |client| {
+            let rows = client
+                .query("SELECT webhook_id, version FROM hookfleet.webhooks WHERE webhook_id = ANY($1)", &[&webhook_ids])
+                .await?;
+            rows.iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+        })
+        .await
+    }
+
+    /// The circuit of every webhook whose circuit is not closed, fleet-wide (`open` or
+    /// `half_open`), as the health rows say.
+    pub async fn open_circuits(&self) -> Result<Vec<(i64, String)>, DbError> {
+        self.call(async |client| {
+            let rows = client
+                .query(
+                    "SELECT webhook_id, circuit_state FROM hookfleet.webhook_health_metrics \
+                     WHERE circuit_state <> 'closed'",
+                    &[],
+                )
+                .await?;
+            rows.iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+        })
+        .await
     }
 
     /// Removes this worker from the registry (graceful shutdown).
     pub async fn deregister(&self, worker_id: &str) -> Result<(), DbError> {
-        let client = self.pool.get().await?;
-        client.execute("DELETE FROM hookfleet.workers WHERE worker_id = $1", &[&worker_id]).await?;
-        Ok(())
+        self.call(async |client| {
+            client.execute("DELETE FROM hookfleet.workers WHERE worker_id = $1", &[&worker_id]).await?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -624,6 +624,58 @@ impl TestDatabase {
     }
 }
 
+/// PostgreSQL backends stopped with SIGSTOP: a server that accepts connections and never answers
+/// on them (a frozen primary, a partition that drops without resetting). Their sessions resume
+/// (SIGCONT) when this is dropped, panics included, so the cluster can still shut down.
+pub struct FrozenBackends {
+    pids: Vec<i32>,
+}
+
+impl FrozenBackends {
+    pub fn pids(&self) -> &[i32] {
+        &self.pids
+    }
+}
+
+impl Drop for FrozenBackends {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = Command::new("kill").arg("-CONT").arg(pid.to_string()).status();
+        }
+    }
+}
+
+impl TestDatabase {
+    /// Freezes every backend of this database whose `application_name` is exactly
+    /// `application_name` (only this test's processes use this database).
+    pub async fn freeze_backends(&self, application_name: &str) -> FrozenBackends {
+        let pids: Vec<i32> = self
+            .client()
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .expect("backends")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let frozen = FrozenBackends { pids };
+        for pid in frozen.pids() {
+            let status = Command::new("kill").arg("-STOP").arg(pid.to_string()).status();
+            assert!(status.is_ok_and(|status| status.success()), "kill -STOP {pid} failed");
+        }
+        frozen
+    }
+}
+
+/// One sample's value from a Prometheus text exposition: the line that starts with `series`
+/// (name and labels, exactly as exported).
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

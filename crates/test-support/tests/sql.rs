@@ -1650,6 +1650,7 @@ async fn a_batch_written_twice_records_each_attempt_and_its_health_once() {
     // As if the commit's reply was lost and the worker retried the same batch.
     let again = queue.complete_many("w1", &records, BREAKER).await.expect("second write");
     assert_eq!(again.settled, 0);
+    assert_eq!(again.lost, Vec::<i64>::new(), "a retried write-back is not a lost lease");
     assert_eq!(count(&client, "SELECT count(*) FROM hookfleet.delivery_attempts").await, 2);
     assert_eq!(
         count(&client, "SELECT total_attempts FROM hookfleet.webhook_health_metrics").await,
@@ -2770,7 +2771,8 @@ async fn a_claim_spans_priority_levels_highest_first_and_stops_at_the_batch_size
 #[tokio::test]
 async fn worker_sessions_commit_asynchronously_with_statement_timeouts() {
     let db = database().await;
-    let pool = hookfleet_core::db::worker_pool(&db.url, 1).expect("pool");
+    let pool =
+        hookfleet_core::db::worker_pool(&db.url, 1, hookfleet_core::db::DEFAULT_STATEMENT_TIMEOUT).expect("pool");
     let client = pool.get().await.expect("connection");
     for (setting, expected) in [("synchronous_commit", "off"), ("statement_timeout", "30s")] {
         let value: String = client.query_one(&format!("SHOW {setting}"), &[]).await.expect(setting).get(0);
@@ -2786,7 +2788,7 @@ async fn worker_sessions_commit_asynchronously_with_statement_timeouts() {
 async fn options_in_the_database_url_are_kept_beside_hookfleets_own_session_settings() {
     let db = database().await;
     let url = format!("{} options='-c work_mem=7MB -c statement_timeout=45s'", db.url);
-    let pool = hookfleet_core::db::worker_pool(&url, 1).expect("pool");
+    let pool = hookfleet_core::db::worker_pool(&url, 1, hookfleet_core::db::DEFAULT_STATEMENT_TIMEOUT).expect("pool");
     let session = pool.get().await.expect("session");
     let row = session
         .query_one(

@@ -652,3 +652,53 @@ async fn scheduled_delivery_waits_and_survives_restarts() {
     assert_eq!(max_retry, Some(0), "waiting for deliver_at used no retries");
     assert_eq!(receipts.duplicates, 0, "a graceful restart causes no duplicates");
 }
+
+/// A database outage longer than the lease while results wait to be written back: nobody can
+/// rescue the rows meanwhile, so the results are kept and land once the database is back. Each
+/// message is sent once, its attempt recorded, its row settled by that attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_waiting_through_an_outage_longer_than_the_lease_land_and_nothing_is_sent_twice() {
+    const ROWS: i64 = 5;
+    const LEASE: Duration = Duration::from_secs(6);
+    let _serial = SERIAL.lock().await;
+    let test = "results_waiting_through_an_outage_longer_than_the_lease_land_and_nothing_is_sent_twice";
+    if !server_is_ours(test) {
+        return;
+    }
+    let db = database().await;
+    // Answers come while the database is down.
+    let receiver = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(3))).await;
+    let hook = webhook(&db, receiver.url("/")).await;
+    let worker = spawn_worker(&db, "w1", &[("HOOKFLEET_LEASE", "6s"), ("HTTP_TIMEOUT", "5s")]);
+    insert_range(&db.url, hook.webhook_id, 1, ROWS, DEADLINE).await;
+    receiver.wait_for(ROWS as usize, DEADLINE).await;
+
+    let outage = tokio::spawn(restart_postgres(Restart::Fast, LEASE * 2));
+    // While the database is down the results wait, holding their slots: no attempt in flight.
+    let held = eventually(DEADLINE, "every result waiting for the database", || async {
+        let (_, body) = worker.get("/metrics").await?;
+        let held = hookfleet_test_support::metric_value(&body, "worker_slots_held")?;
+        let in_flight = hookfleet_test_support::metric_value(&body, "worker_in_flight")?;
+        (held == ROWS as f64 && in_flight == 0.0).then_some(held)
+    })
+    .await;
+    let down_for = outage.await.expect("restart");
+    assert!(down_for > LEASE, "the outage ({down_for:?}) must outlast the lease");
+
+    let counts = wait_until_all_delivered(&db, ROWS, DEADLINE).await;
+    assert_eq!(counts, BTreeMap::from([("delivered".to_owned(), ROWS)]));
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), ROWS as usize, "a message was sent again; log:\n{}", worker.log());
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM hookfleet.delivery_attempts), \
+                    (SELECT coalesce(sum(lease_expiries), 0)::bigint FROM hookfleet.delivery_queue)",
+            &[],
+        )
+        .await
+        .expect("figures");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (ROWS, 0), "one attempt each, no lease rescued");
+    assert!(worker.log().contains("results written back after the database came back"), "{}", worker.log());
+    eprintln!("{test}: held {held} results through {down_for:?} down (lease {LEASE:?}); each sent once");
+}

@@ -32,6 +32,11 @@ impl WebhookCache {
         stale.dedup();
         let mut targets = Targets::new();
         if !stale.is_empty() {
+            // A webhook the load does not return was deleted: its entry must not be served again
+            // (a webhook created later under the same id starts its versions over).
+            for webhook_id in &stale {
+                self.entries.remove(webhook_id);
+            }
             for (webhook_id, loaded) in self.store.load_targets(&stale).await? {
                 match &loaded {
                     Ok(target) => {
@@ -53,5 +58,14 @@ impl WebhookCache {
             }
         }
         Ok(targets)
+    }
+
+    /// Each cached webhook's id and version.
+    pub(super) fn versions(&self) -> Vec<(i64, i64)> {
+        self.entries.iter().map(|(webhook_id, target)| (*webhook_id, target.version)).collect()
+    }
+
+    pub(super) fn evict(&mut self, webhook_id: i64) {
+        self.entries.remove(&webhook_id);
     }
 }

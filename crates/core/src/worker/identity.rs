@@ -41,7 +41,10 @@ impl WorkerIdLock {
         let mut lock = Self { url: url.to_owned(), worker_id: worker_id.to_owned(), client: None, backend_pid: None };
         let give_up = Instant::now() + TAKE_PATIENCE;
         loop {
-            match lock.try_take().await {
+            let taken = tokio::time::timeout(CHECK_TIMEOUT * 3, lock.try_take())
+                .await
+                .unwrap_or(Err(DbError::TimedOut(CHECK_TIMEOUT * 3)));
+            match taken {
                 Ok(true) => return Ok(lock),
                 Ok(false) if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(100)).await,
                 Ok(false) => return Err(WorkerError::WorkerIdInUse(lock.worker_id)),
@@ -72,7 +75,11 @@ impl WorkerIdLock {
                 tracing::warn!(worker_id = %self.worker_id, "the WORKER_ID lock's connection is gone; taking the lock again");
                 self.client = None;
             }
-            match self.try_take().await {
+            // Bounded: a server that stops answering must not stall the keeper for good.
+            let taken = tokio::time::timeout(CHECK_TIMEOUT * 3, self.try_take())
+                .await
+                .unwrap_or(Err(DbError::TimedOut(CHECK_TIMEOUT * 3)));
+            match taken {
                 Ok(true) => tracing::info!(worker_id = %self.worker_id, "WORKER_ID lock taken again"),
                 Ok(false) => {
                     tracing::error!(

@@ -13,6 +13,7 @@ use super::sleep_or_shutdown;
 use crate::db::{self, DbError};
 
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const LISTEN_LIMIT: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(database_url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut outage = Outage { pause: FIRST_PAUSE, failures: 0 };
@@ -67,7 +68,11 @@ async fn listen(
         }
         Ok(())
     });
-    client.batch_execute("LISTEN hookfleet_deliveries").await?;
+    // Bounded: a server that accepts the connection and never answers would leave the worker
+    // without wake-ups, and this loop without any reason to reconnect.
+    tokio::time::timeout(LISTEN_LIMIT, client.batch_execute("LISTEN hookfleet_deliveries"))
+        .await
+        .map_err(|_| DbError::TimedOut(LISTEN_LIMIT))??;
     if outage.failures > 0 {
         tracing::info!(attempts = outage.failures, "wake-up listener reconnected");
     } else {

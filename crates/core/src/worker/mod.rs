@@ -17,6 +17,7 @@ mod rescue;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,14 +38,26 @@ use crate::queue::{
 };
 use crate::retry::{self, RetryPolicy};
 use crate::signing;
-use crate::webhooks::{WebhookStore, WebhookTarget};
+use crate::webhooks::{WebhookError, WebhookStore, WebhookTarget};
 
 /// Largest write-back batch; bigger backlogs are written in several statements.
 const MAX_COMPLETE_BATCH: usize = 1000;
-/// After the shutdown grace, how long each last database step (final write-back, release,
-/// deregister) may take: the drain must end before the orchestrator's kill (grace + 5 s in the
+/// After the shutdown grace, the time each last step may take: the final write-back, the release
+/// of what is held, the deregistration, the services' stop. Together 4 s, so that the whole drain
+/// ends within the grace + 4 s of the signal, before the orchestrator's kill (grace + 5 s in the
 /// shipped manifests). Whatever is still held then comes back through its lease.
-const SHUTDOWN_STEP_LIMIT: Duration = Duration::from_secs(3);
+const FINAL_WRITE_BACK_LIMIT: Duration = Duration::from_millis(1500);
+const RELEASE_LIMIT: Duration = Duration::from_millis(1500);
+const DEREGISTER_LIMIT: Duration = Duration::from_millis(500);
+const SERVICES_STOP_LIMIT: Duration = Duration::from_millis(500);
+/// How long a single release from an attempt task (a lease too short to start) may take.
+const ATTEMPT_RELEASE_LIMIT: Duration = Duration::from_secs(3);
+/// Write-backs through an outage retry at least this often: when the database is back, the
+/// results should land before a rescue hands the rows to another claim (which would send them
+/// again).
+const WRITE_BACK_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often the claim loop looks again while write-backs fail.
+const WRITE_BACK_WAIT: Duration = Duration::from_millis(50);
 /// How long rows of a webhook this worker cannot use (e.g. undecryptable) wait before another try.
 const UNUSABLE_WEBHOOK_DELAY: Duration = Duration::from_secs(30);
 /// Shortest sleep before claiming again for a rate-limited webhook: a claim costs a round trip,
@@ -60,10 +73,6 @@ const CAPACITY_RECHECK: Duration = Duration::from_millis(100);
 /// The least time an attempt starts with (less when its own timeout is shorter): a claimed row whose
 /// lease has less left is given back untouched rather than attempted in a rush and failed.
 pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(250);
-/// `webhook_circuit_state` values.
-const CIRCUIT_CLOSED: i64 = 0;
-const CIRCUIT_OPEN: i64 = 1;
-const CIRCUIT_HALF_OPEN: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -87,6 +96,11 @@ pub enum WorkerError {
          expires"
     )]
     LeftHeld { held: StillHeld, lease: Duration },
+    #[error(
+        "the write-back task stopped unexpectedly, so no result could be recorded; the worker stopped, and the \
+         deliveries it held return to pending when their lease expires"
+    )]
+    WriteBackDied,
 }
 
 /// The settings the engine runs with, taken from [`Config`].
@@ -107,6 +121,9 @@ pub struct WorkerSettings {
     pub default_max_retries: u32,
     pub breaker: BreakerSettings,
     pub shutdown_grace: Duration,
+    /// The longest one database call may take before it is given up and its connection dropped
+    /// (`HOOKFLEET_DATABASE_TIMEOUT` + [`crate::queue::CALL_LIMIT_MARGIN`]).
+    pub call_limit: Duration,
     pub heartbeat_interval: Duration,
     pub attempt_retention: Duration,
     pub delivery_retention: Duration,
@@ -148,6 +165,7 @@ impl WorkerSettings {
                 open_for: config.circuit_breaker_timeout,
             },
             shutdown_grace: config.shutdown_grace,
+            call_limit: config.database_timeout + crate::queue::CALL_LIMIT_MARGIN,
             heartbeat_interval: config.heartbeat_interval,
             attempt_retention: config.attempt_retention,
             delivery_retention: config.delivery_retention,
@@ -162,7 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let database_url = config.database_url.as_ref().ok_or(DbError::MissingUrl)?.expose_secret().to_owned();
     let keyring = Arc::new(Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?);
     let identity = identity::WorkerIdLock::take(&database_url, &config.worker_id).await?;
-    let pool = db::worker_pool(&database_url, config.db_pool_size as usize)?;
+    let pool = db::worker_pool(&database_url, config.db_pool_size as usize, config.database_timeout)?;
     let client =
         DeliveryClient::new(client_options(&config)).map_err(|error| WorkerError::Client(error.to_string()))?;
     let metrics = Arc::new(Metrics::new()?);
@@ -184,20 +202,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let settings = WorkerSettings::from_config(&config);
-    let queue = Queue::new(pool.clone());
+    let queue = Queue::with_call_limit(pool.clone(), settings.call_limit);
     let store = WebhookStore::new(pool, keyring);
     let engine = Engine { settings: Arc::new(settings), queue, store, client, metrics, database_url };
     let id_lost = CancellationToken::new();
     let keeper = tokio::spawn(identity.keep(shutdown.clone(), id_lost.clone()));
-    let still_held = engine.run(shutdown, &id_lost).await;
+    let ended = engine.run(shutdown.clone(), &id_lost).await;
     keeper.abort();
+    // The engine may have stopped on its own (its write-back task died): stop the server too.
+    shutdown.cancel();
     if let Ok(Err(error)) = metrics_server.await {
         tracing::warn!(%error, "metrics server stopped with an error");
     }
     if id_lost.is_cancelled() {
         return Err(WorkerError::WorkerIdInUse(config.worker_id.clone()));
     }
-    match still_held {
+    match ended? {
         StillHeld::None => Ok(()),
         held => Err(WorkerError::LeftHeld { held, lease: config.lease }),
     }
@@ -264,36 +284,53 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Runs until `shutdown`. `id_lost` fires when another live process took this `WORKER_ID`:
-    /// then whatever that id holds may be the other process's, so nothing is released or
-    /// deregistered on the way out.
-    pub async fn run(self, shutdown: CancellationToken, id_lost: &CancellationToken) -> StillHeld {
+    /// Runs until `shutdown`, or until the write-back task dies (then `Err`). `id_lost` fires
+    /// when another live process took this `WORKER_ID`: then whatever that id holds may be the
+    /// other process's, so nothing is released or deregistered on the way out.
+    ///
+    /// The drain is measured from the signal: attempts get the shutdown grace, and the last steps
+    /// each a fixed share of 4 s, whatever the database does meanwhile.
+    pub async fn run(self, shutdown: CancellationToken, id_lost: &CancellationToken) -> Result<StillHeld, WorkerError> {
         let settings = self.settings.clone();
         let worker_id = settings.identity.worker_id.clone();
         let wake = Arc::new(Notify::new());
         let settled = Arc::new(Notify::new());
+        // Everything stops on `stop`: the shutdown signal, or the write-back task dying.
+        let stop = shutdown.child_token();
+        let writes_failing = Arc::new(AtomicBool::new(false));
 
         let services = TaskTracker::new();
-        if let Err(error) = self.queue.heartbeat(&settings.identity, 0).await {
-            tracing::warn!(%error, "cannot register in hookfleet.workers yet; the heartbeat keeps trying");
+        match tokio::time::timeout(settings.call_limit, self.queue.heartbeat(&settings.identity, 0)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot register in hookfleet.workers yet; the heartbeat keeps trying")
+            }
+            Err(_) => tracing::warn!("registering in hookfleet.workers timed out; the heartbeat keeps trying"),
         }
-        services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
-        services.spawn(rescue::run(self.queue.clone(), settings.clone(), self.metrics.clone(), shutdown.clone()));
-        services.spawn(depth::run(self.queue.clone(), self.metrics.clone(), shutdown.clone()));
-        services.spawn(prune::run(self.queue.clone(), settings.clone(), shutdown.clone()));
-        services.spawn(listen::run(self.database_url.clone(), wake.clone(), shutdown.clone()));
+        services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), stop.clone()));
+        services.spawn(rescue::run(
+            self.queue.clone(),
+            settings.clone(),
+            self.metrics.clone(),
+            writes_failing.clone(),
+            stop.clone(),
+        ));
+        services.spawn(depth::run(self.queue.clone(), self.metrics.clone(), stop.clone()));
+        services.spawn(prune::run(self.queue.clone(), settings.clone(), stop.clone()));
+        services.spawn(listen::run(self.database_url.clone(), wake.clone(), stop.clone()));
         services.close();
 
         let (results, results_rx) = mpsc::unbounded_channel();
         let unwritten = Arc::new(Unwritten::default());
-        let completer = tokio::spawn(complete(
-            self.queue.clone(),
-            settings.clone(),
-            self.metrics.clone(),
-            results_rx,
-            settled.clone(),
-            unwritten.clone(),
-        ));
+        let completer = Completer {
+            queue: self.queue.clone(),
+            settings: settings.clone(),
+            metrics: self.metrics.clone(),
+            settled: settled.clone(),
+            unwritten: unwritten.clone(),
+            writes_failing: writes_failing.clone(),
+        };
+        let completer = tokio::spawn(complete(completer, results_rx, stop.clone().drop_guard()));
         let context = Arc::new(AttemptContext {
             settings: settings.clone(),
             client: self.client.clone(),
@@ -306,9 +343,20 @@ impl Engine {
         let attempts = TaskTracker::new();
         tracing::info!(%worker_id, batch_size = settings.batch_size, max_in_flight = settings.max_in_flight, "worker started");
 
-        self.claim_loop(&context, &attempts, &wake, &settled, &shutdown).await;
+        self.claim_loop(&context, &attempts, &wake, &settled, &writes_failing, &stop).await;
+        // The completer ends on its own only once every sender is gone, and the context still
+        // holds one: finished now means it died.
+        let completer_died = completer.is_finished();
+        stop.cancel();
 
-        tracing::info!(in_flight = attempts.len(), grace = ?settings.shutdown_grace, "stopping: no more claims, finishing attempts");
+        if completer_died {
+            tracing::error!(
+                "the write-back task died; stopping without waiting for attempts, whose results cannot be recorded"
+            );
+            context.abandon.cancel();
+        } else {
+            tracing::info!(in_flight = attempts.len(), grace = ?settings.shutdown_grace, "stopping: no more claims, finishing attempts");
+        }
         attempts.close();
         if tokio::time::timeout(settings.shutdown_grace, attempts.wait()).await.is_err() {
             tracing::warn!(abandoned = attempts.len(), "shutdown grace ran out; abandoning unfinished attempts");
@@ -318,7 +366,7 @@ impl Engine {
         // The completer ends once every sender (the context's and the tasks') is gone.
         drop(context);
         let abort_completer = completer.abort_handle();
-        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, completer).await {
+        match tokio::time::timeout(FINAL_WRITE_BACK_LIMIT, completer).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "write-back task failed"),
             Err(_) => {
@@ -326,20 +374,23 @@ impl Engine {
                 tracing::warn!("the final write-back did not finish in time; those rows return after their lease");
             }
         }
-        services.wait().await;
         if id_lost.is_cancelled() {
             tracing::error!(%worker_id, "stopped without releasing or deregistering: another process now has this WORKER_ID");
-            return StillHeld::Unknown;
+            stop_services(&services).await;
+            return Ok(StillHeld::Unknown);
         }
+        // Released before waiting for anything else: every moment a row stays held is a moment no
+        // other worker can deliver it.
         let sent = unwritten.ids();
         if !sent.is_empty() {
             tracing::warn!(
                 unwritten = sent.len(),
+                delivery_ids = ?&sent[..sent.len().min(20)],
                 "results not written back; those deliveries stay in flight (not released) and return after their lease"
             );
         }
         let mut still_held = if sent.is_empty() { StillHeld::None } else { StillHeld::Rows(sent.len()) };
-        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.release_held(&worker_id, &sent)).await {
+        match tokio::time::timeout(RELEASE_LIMIT, self.queue.release_held(&worker_id, &sent)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => tracing::info!(released, "released unfinished deliveries to pending"),
             Ok(Err(error)) => {
@@ -351,13 +402,17 @@ impl Engine {
                 tracing::warn!("releasing held deliveries timed out; their leases will expire");
             }
         }
-        match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, self.queue.deregister(&worker_id)).await {
+        match tokio::time::timeout(DEREGISTER_LIMIT, self.queue.deregister(&worker_id)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot deregister from hookfleet.workers"),
             Err(_) => tracing::warn!("deregistering timed out; the registry forgets silent workers"),
         }
+        stop_services(&services).await;
         tracing::info!(%worker_id, "worker stopped");
-        still_held
+        if completer_died {
+            return Err(WorkerError::WriteBackDied);
+        }
+        Ok(still_held)
     }
 
     async fn claim_loop(
@@ -366,20 +421,32 @@ impl Engine {
         attempts: &TaskTracker,
         wake: &Notify,
         settled: &Notify,
+        writes_failing: &AtomicBool,
         shutdown: &CancellationToken,
     ) {
         let settings = &self.settings;
         let slots = Arc::new(Semaphore::new(settings.max_in_flight as usize));
-        let mut webhooks = PerWebhook {
-            busy: Arc::new(Busy::default()),
-            targets: cache::WebhookCache::new(self.store.clone()),
-            series: HashMap::new(),
-        };
+        let mut webhooks = PerWebhook::new(
+            Arc::new(Busy::new(self.metrics.worker_slots_held.clone())),
+            cache::WebhookCache::new(self.store.clone()),
+        );
         let mut failures = 0u32;
         let mut load_failures = 0u32;
         // Consecutive claims in which each webhook was contended.
         let mut contended_for: HashMap<i64, u32> = HashMap::new();
         loop {
+            if Instant::now() >= webhooks.next_sweep {
+                self.sweep(&mut webhooks, shutdown).await;
+            }
+            // While results cannot be written back, more work would only add results that cannot
+            // be written either; and when the database is back the waiting results must land
+            // before this worker claims (or rescues) their rows again and sends them a second time.
+            if writes_failing.load(Ordering::Acquire) {
+                if sleep_or_shutdown(WRITE_BACK_WAIT, shutdown).await {
+                    return;
+                }
+                continue;
+            }
             // Wait for one free slot, then take whatever else is free, up to a batch.
             let first = tokio::select! {
                 biased;
@@ -401,27 +468,33 @@ impl Engine {
                 webhook_slots: Some(settings.max_in_flight_per_webhook),
                 busy: webhooks.busy.snapshot(),
             };
-            let claim =
-                match self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits).await {
-                    Ok(claim) => {
-                        if failures > 0 {
-                            tracing::info!(failed_claims = failures, "database reachable again; claiming");
-                        }
-                        failures = 0;
-                        claim
+            // Raced against shutdown: a claim cut off after it committed leaves its rows held by this
+            // worker, and the release at the end of the drain gives them back.
+            let claimed = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                claimed = self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits) => claimed,
+            };
+            let claim = match claimed {
+                Ok(claim) => {
+                    if failures > 0 {
+                        tracing::info!(failed_claims = failures, "database reachable again; claiming");
                     }
-                    Err(error) => {
-                        drop(permits);
-                        failures += 1;
-                        self.metrics.database_errors_total.with_label_values(&["claim"]).inc();
-                        let pause = database_backoff(failures);
-                        tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
-                        if sleep_or_shutdown(pause, shutdown).await {
-                            return;
-                        }
-                        continue;
+                    failures = 0;
+                    claim
+                }
+                Err(error) => {
+                    drop(permits);
+                    failures += 1;
+                    self.metrics.database_errors_total.with_label_values(&["claim"]).inc();
+                    let pause = database_backoff(failures);
+                    tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
+                    if sleep_or_shutdown(pause, shutdown).await {
+                        return;
                     }
-                };
+                    continue;
+                }
+            };
             self.metrics.claim_duration_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.claimed_total.inc_by(claim.deliveries.len() as u64);
             self.record_holds(&claim);
@@ -434,7 +507,7 @@ impl Engine {
             }
             permits.truncate(deliveries.len());
             if !deliveries.is_empty()
-                && !self.start_attempts(deliveries, permits, &mut webhooks, context, attempts).await
+                && !self.start_attempts(deliveries, permits, &mut webhooks, context, attempts, shutdown).await
             {
                 // The webhooks could not be loaded (the rows went back): back off like a failed
                 // claim rather than claim, fail and release in a loop that spends the webhooks'
@@ -483,13 +556,43 @@ impl Engine {
         }
     }
 
+    /// Forgets what the database no longer returns (deleted webhooks; cached versions that
+    /// changed) and what has been idle for [`IDLE_EVICTION`]: the decrypted URL and secrets, and
+    /// the metric series. A webhook with an attempt still holding its row is kept.
+    async fn sweep(&self, webhooks: &mut PerWebhook, shutdown: &CancellationToken) {
+        let now = Instant::now();
+        webhooks.next_sweep = now + SWEEP_INTERVAL;
+        webhooks.evict_idle(now, &self.metrics);
+        let cached = webhooks.targets.versions();
+        if cached.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = cached.iter().map(|(webhook_id, _)| *webhook_id).collect();
+        let current = match until_shutdown(self.queue.webhook_versions(&ids), shutdown).await {
+            Some(Ok(current)) => current,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "cannot check the cached webhooks; trying again at the next sweep");
+                return;
+            }
+            None => return,
+        };
+        for (webhook_id, version) in cached {
+            match current.get(&webhook_id) {
+                Some(current) if *current == version => {}
+                // Changed: reloaded when its next row is claimed (the row carries the new version).
+                Some(_) => webhooks.targets.evict(webhook_id),
+                None if !webhooks.busy.is_busy(webhook_id) => webhooks.forget(webhook_id, &self.metrics),
+                None => webhooks.targets.evict(webhook_id),
+            }
+        }
+    }
+
     /// Metrics for what the claim held back or probed.
     fn record_holds(&self, claim: &Claim) {
         for (webhook_id, _) in &claim.rate_limited {
             self.metrics.rate_limited_total.with_label_values(&[&webhook_id.to_string()]).inc();
         }
         for webhook_id in &claim.probes {
-            self.metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(CIRCUIT_HALF_OPEN);
             tracing::info!(webhook_id, "circuit half-open: sending one probe");
         }
     }
@@ -503,8 +606,18 @@ impl Engine {
         webhooks: &mut PerWebhook,
         context: &Arc<AttemptContext>,
         attempts: &TaskTracker,
+        shutdown: &CancellationToken,
     ) -> bool {
-        let targets = match webhooks.targets.resolve(&claimed).await {
+        // Raced against shutdown and bounded like any database call; rows left claimed are given
+        // back by the release at the end of the drain.
+        let resolved = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return true,
+            resolved = tokio::time::timeout(self.settings.call_limit, webhooks.targets.resolve(&claimed)) => resolved,
+        };
+        let resolved =
+            resolved.unwrap_or_else(|_| Err(WebhookError::Database(DbError::TimedOut(self.settings.call_limit))));
+        let targets = match resolved {
             Ok(targets) => targets,
             Err(error) => {
                 // Give the rows back untouched rather than burn their retries on our own trouble.
@@ -512,7 +625,8 @@ impl Engine {
                 tracing::warn!(%error, "cannot load webhooks; releasing the claimed deliveries");
                 let claims: Vec<_> =
                     claimed.iter().map(|delivery| (delivery.delivery_id, delivery.locked_until)).collect();
-                if let Err(error) = self.queue.release(&self.settings.identity.worker_id, &claims).await {
+                let release = self.queue.release(&self.settings.identity.worker_id, &claims);
+                if let Some(Err(error)) = until_shutdown(release, shutdown).await {
                     tracing::warn!(%error, "cannot release deliveries; their leases will expire");
                 }
                 return false;
@@ -524,6 +638,7 @@ impl Engine {
         let mut unusable: HashMap<String, Vec<i64>> = HashMap::new();
         let now = Instant::now();
         for (delivery, permit) in claimed.into_iter().zip(permits) {
+            webhooks.last_used.insert(delivery.webhook_id, now);
             let target = match targets.get(&delivery.webhook_id) {
                 // The claim or the webhook load took so long that too little of the lease is left:
                 // not an attempt, so give the row back untouched.
@@ -548,8 +663,12 @@ impl Engine {
                 // Deleted after the claim: its rows went with it (ON DELETE CASCADE).
                 None => continue,
             };
-            let span =
-                tracing::info_span!("attempt", delivery_id = delivery.delivery_id, webhook_id = delivery.webhook_id);
+            let span = tracing::info_span!(
+                "attempt",
+                delivery_id = delivery.delivery_id,
+                webhook_id = delivery.webhook_id,
+                message_id = %delivery.message_id
+            );
             let slot = webhooks.busy.hold(delivery.webhook_id, permit);
             let webhook_metrics = webhooks
                 .series
@@ -559,7 +678,7 @@ impl Engine {
             attempts.spawn(attempt(context.clone(), delivery, target, webhook_metrics, slot).instrument(span));
         }
         if !disabled.is_empty() {
-            if let Err(error) = self.queue.release(worker_id, &disabled).await {
+            if let Some(Err(error)) = until_shutdown(self.queue.release(worker_id, &disabled), shutdown).await {
                 tracing::warn!(%error, "cannot release deliveries of disabled webhooks");
             }
         }
@@ -568,7 +687,7 @@ impl Engine {
                 deliveries = out_of_time.len(),
                 "claimed deliveries have too little of their lease left to attempt; releasing them"
             );
-            if let Err(error) = self.queue.release(worker_id, &out_of_time).await {
+            if let Some(Err(error)) = until_shutdown(self.queue.release(worker_id, &out_of_time), shutdown).await {
                 tracing::warn!(%error, "cannot release deliveries; their leases will expire");
             }
         }
@@ -576,7 +695,8 @@ impl Engine {
         // until this worker (or another with the right keys) can use the webhook.
         for (reason, ids) in unusable {
             self.metrics.database_errors_total.with_label_values(&["unusable_webhook"]).inc();
-            if let Err(error) = self.queue.defer(worker_id, &ids, UNUSABLE_WEBHOOK_DELAY, &reason).await {
+            let defer = self.queue.defer(worker_id, &ids, UNUSABLE_WEBHOOK_DELAY, &reason);
+            if let Some(Err(error)) = until_shutdown(defer, shutdown).await {
                 tracing::warn!(%error, "cannot defer deliveries of an unusable webhook");
             }
         }
@@ -594,7 +714,8 @@ async fn attempt(
 ) {
     let metrics = &context.metrics;
     let settings = &context.settings;
-    metrics.worker_in_flight.inc();
+    // Counted down however the task ends, a panic included.
+    let _in_flight = InFlight::start(&metrics.worker_in_flight);
     let started_at = SystemTime::now();
     let started = Instant::now();
     let max_retries = delivery.max_retries.unwrap_or(settings.default_max_retries);
@@ -610,24 +731,24 @@ async fn attempt(
             // last moment before sending, since the task may have waited for a thread.
             let lease_left = delivery.lease_deadline.saturating_duration_since(Instant::now());
             let Some(timeout) = settings.attempt_timeout(target.timeout, lease_left) else {
-                metrics.worker_in_flight.dec();
                 tracing::warn!("too little of the lease is left to attempt; releasing the delivery");
                 let claim = [(delivery.delivery_id, delivery.locked_until)];
                 let release = context.queue.release(&settings.identity.worker_id, &claim);
-                match tokio::time::timeout(SHUTDOWN_STEP_LIMIT, release).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => tracing::warn!(%error, "cannot release the delivery; its lease will expire"),
-                    Err(_) => tracing::warn!("releasing the delivery timed out; its lease will expire"),
+                tokio::select! {
+                    released = tokio::time::timeout(ATTEMPT_RELEASE_LIMIT, release) => match released {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "cannot release the delivery; its lease will expire"),
+                        Err(_) => tracing::warn!("releasing the delivery timed out; its lease will expire"),
+                    },
+                    // Shutdown's own release gives the row back.
+                    _ = context.abandon.cancelled() => {}
                 }
                 return;
             };
             let request = DeliveryRequest { url: target.url.clone(), headers, body, timeout };
             tokio::select! {
                 outcome = context.client.send(request) => outcome.result,
-                _ = context.abandon.cancelled() => {
-                    metrics.worker_in_flight.dec();
-                    return;
-                }
+                _ = context.abandon.cancelled() => return,
             }
         }
         // The schema only admits message ids that are valid header values; this is defence.
@@ -648,12 +769,15 @@ async fn attempt(
         ),
         Err(error) => (None, Some(error.to_string()), None),
     };
+    // Per-attempt outcomes are counted (webhook_deliveries_total) and logged at debug only: many
+    // failing webhooks must not flood the log. What an operator acts on, a circuit opening, is
+    // logged by the circuit sampler.
     match decision.outcome {
         Outcome::Delivered => tracing::debug!(status = status_code, ?duration, "delivered"),
         Outcome::Retry => {
-            tracing::info!(status = status_code, error = error_message.as_deref(), retry_in = ?decision.delay, "attempt failed; will retry")
+            tracing::debug!(status = status_code, error = error_message.as_deref(), retry_in = ?decision.delay, "attempt failed; will retry")
         }
-        Outcome::Dead => tracing::warn!(status = status_code, error = error_message.as_deref(), "delivery is dead"),
+        Outcome::Dead => tracing::debug!(status = status_code, error = error_message.as_deref(), "delivery is dead"),
     }
     let record = AttemptRecord {
         delivery_id: delivery.delivery_id,
@@ -671,9 +795,31 @@ async fn attempt(
         locked_until: delivery.locked_until,
     };
     context.unwritten.add(record.delivery_id);
-    // The completer outlives every attempt (it ends when the last sender is dropped).
-    let _ = context.results.send((record, slot));
-    metrics.worker_in_flight.dec();
+    // The completer ends only when the last sender is dropped, so a send fails only if it died:
+    // then the engine is stopping (see `Engine::run`) and this result cannot be recorded; its row
+    // stays held, not released, and returns after its lease.
+    if let Err(mpsc::error::SendError((record, _slot))) = context.results.send((record, slot)) {
+        tracing::error!(
+            delivery_id = record.delivery_id,
+            "the write-back task is gone; this attempt's result is lost and the delivery returns after its lease"
+        );
+    }
+}
+
+/// Holds one count of `worker_in_flight` for as long as it lives.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn start(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// `last_error` for a non-2xx answer.
@@ -681,19 +827,31 @@ fn status_error(response: &Response) -> Option<String> {
     (!(200..300).contains(&response.status)).then(|| format!("HTTP {}", response.status))
 }
 
-/// The single writer of results: batches whatever has finished and writes it in one statement.
-async fn complete(
+/// What the single writer of results works with.
+struct Completer {
     queue: Queue,
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
-    mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>,
+    /// Notified after each batch: the claim loop may be waiting for capacity.
     settled: Arc<Notify>,
     unwritten: Arc<Unwritten>,
+    /// True while write-backs fail for want of a database: claims and rescues wait.
+    writes_failing: Arc<AtomicBool>,
+}
+
+/// The single writer of results: batches whatever has finished and writes it in one statement.
+/// `died` stops the engine if this task ends any other way than its channel closing (a panic, an
+/// abort): every later result would be lost.
+async fn complete(
+    completer: Completer,
+    mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>,
+    died: tokio_util::sync::DropGuard,
 ) {
+    let Completer { queue, settings, metrics, settled, unwritten, writes_failing } = completer;
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
         let (records, slots): (Vec<AttemptRecord>, Vec<Slot>) = batch.drain(..).unzip();
-        write_back(&queue, &settings, &metrics, &records).await;
+        write_back(&queue, &settings, &metrics, &writes_failing, &records).await;
         // Written, or given up on (those rows come back through their lease): either way no
         // longer waiting, and never to be reported as held at shutdown.
         let ids: Vec<i64> = records.iter().map(|record| record.delivery_id).collect();
@@ -701,32 +859,45 @@ async fn complete(
         drop(slots);
         settled.notify_one();
     }
+    died.disarm();
 }
 
-/// Writes one batch, retrying through database outages for up to one lease: after that the rows
-/// have been rescued by another worker and the fenced write would settle nothing anyway. A batch
-/// the database refuses as data (SQLSTATE classes 22 and 23) is split, so that one bad record
-/// cannot keep the others from settling.
-async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics, batch: &[AttemptRecord]) {
-    let deadline = Instant::now() + settings.lease;
+/// Writes one batch, retrying through database outages for as long as they last: while the
+/// database is unreachable no other worker can rescue the rows either, and the fence still
+/// matches when it is back, so giving up would only send every waiting message again and lose its
+/// attempt history and breaker input. The retry ends when the write lands (settling the rows, or
+/// reporting their leases lost), or when the shutdown's last steps abort it. A batch the database
+/// refuses as data (SQLSTATE classes 22 and 23) is split, so that one bad record cannot keep the
+/// others from settling.
+async fn write_back(
+    queue: &Queue,
+    settings: &WorkerSettings,
+    metrics: &Metrics,
+    writes_failing: &AtomicBool,
+    batch: &[AttemptRecord],
+) {
     let mut failures = 0;
+    let mut failing_since = None;
     loop {
         match queue.complete_many(&settings.identity.worker_id, batch, settings.breaker).await {
             Ok(report) => {
-                for (webhook_id, health) in &report.health {
-                    let state = if health == "unavailable" { CIRCUIT_OPEN } else { CIRCUIT_CLOSED };
-                    metrics.circuit_state.with_label_values(&[&webhook_id.to_string()]).set(state);
+                writes_failing.store(false, Ordering::Release);
+                if let Some(since) = failing_since {
+                    tracing::info!(rows = batch.len(), failures, after = ?Instant::now().duration_since(since), "results written back after the database came back");
                 }
-                if report.lost_leases > 0 {
-                    metrics.lease_lost_total.inc_by(report.lost_leases as u64);
+                if !report.lost.is_empty() {
+                    metrics.lease_lost_total.inc_by(report.lost.len() as u64);
                     tracing::warn!(
-                        lost = report.lost_leases,
-                        "write-back matched no row for some attempts: lease lost"
+                        lost = report.lost.len(),
+                        delivery_ids = ?&report.lost[..report.lost.len().min(20)],
+                        "write-back matched no row for some attempts: their lease expired and another claim took them"
                     );
                 }
                 return;
             }
             Err(error) if is_data_error(&error) => {
+                // The database answered: not an outage.
+                writes_failing.store(false, Ordering::Release);
                 metrics.database_errors_total.with_label_values(&["complete"]).inc();
                 if let [record] = batch {
                     tracing::error!(%error, delivery_id = record.delivery_id, "the database refuses this result; the row returns after its lease");
@@ -734,19 +905,20 @@ async fn write_back(queue: &Queue, settings: &WorkerSettings, metrics: &Metrics,
                 }
                 tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
                 let (left, right) = batch.split_at(batch.len() / 2);
-                Box::pin(write_back(queue, settings, metrics, left)).await;
-                Box::pin(write_back(queue, settings, metrics, right)).await;
+                Box::pin(write_back(queue, settings, metrics, writes_failing, left)).await;
+                Box::pin(write_back(queue, settings, metrics, writes_failing, right)).await;
                 return;
             }
             Err(error) => {
                 failures += 1;
+                failing_since.get_or_insert_with(Instant::now);
+                writes_failing.store(true, Ordering::Release);
                 metrics.database_errors_total.with_label_values(&["complete"]).inc();
-                let pause = database_backoff(failures);
-                if Instant::now() + pause > deadline {
-                    tracing::error!(%error, rows = batch.len(), "giving up writing results back; the rows will be delivered again after their lease");
-                    return;
+                let pause = database_backoff(failures).min(WRITE_BACK_RETRY_MAX);
+                // Loud at first, then once in a while: an outage must not flood the log.
+                if failures <= 3 || failures % 30 == 0 {
+                    tracing::warn!(%error, rows = batch.len(), failures, retry_in = ?pause, "cannot write results back; retrying until the database answers");
                 }
-                tracing::warn!(%error, rows = batch.len(), retry_in = ?pause, "cannot write results back; retrying");
                 tokio::time::sleep(pause).await;
             }
         }
@@ -766,6 +938,23 @@ fn is_data_error(error: &DbError) -> bool {
 /// 100 ms doubling to 5 s: fast enough to notice a restarted database, slow enough not to hammer it.
 fn database_backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
+
+/// Waits a moment for the services, which stop at once on `stop` (their ticks race it); one
+/// stuck in something that ignores cancellation is left behind rather than delaying the exit.
+async fn stop_services(services: &TaskTracker) {
+    if tokio::time::timeout(SERVICES_STOP_LIMIT, services.wait()).await.is_err() {
+        tracing::warn!(services = services.len(), "maintenance services did not stop in time; leaving them");
+    }
+}
+
+/// `work`'s result, unless shutdown fires first (`None`).
+async fn until_shutdown<T>(work: impl Future<Output = T>, shutdown: &CancellationToken) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        done = work => Some(done),
+    }
 }
 
 /// Sleeps unless shutdown fires first; true when it did.
@@ -788,7 +977,13 @@ where
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = timer.tick() => tick().await,
+            _ = timer.tick() => {}
+        }
+        // A tick in progress (its database call) never holds up the shutdown.
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            () = tick() => {}
         }
     }
     tracing::debug!(service = name, "stopped");
@@ -797,32 +992,88 @@ where
 /// Targets by webhook id, as the cache hands them out.
 type Targets = HashMap<i64, Result<Arc<WebhookTarget>, String>>;
 
+/// How often the claim loop sweeps its per-webhook state (see `Engine::sweep`).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// A webhook with no claimed row for this long is forgotten by this worker (decrypted target and
+/// metric series); its next row loads it again.
+const IDLE_EVICTION: Duration = Duration::from_secs(15 * 60);
+
 /// What the claim loop keeps per webhook: its attempts in progress, its decrypted target, its
-/// metric series.
+/// metric series, and when one of its rows was last claimed.
 struct PerWebhook {
     busy: Arc<Busy>,
     targets: cache::WebhookCache,
     series: HashMap<i64, Arc<WebhookMetrics>>,
+    last_used: HashMap<i64, Instant>,
+    next_sweep: Instant,
+}
+
+impl PerWebhook {
+    fn new(busy: Arc<Busy>, targets: cache::WebhookCache) -> Self {
+        Self {
+            busy,
+            targets,
+            series: HashMap::new(),
+            last_used: HashMap::new(),
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
+        }
+    }
+
+    /// Forgets the webhooks idle for [`IDLE_EVICTION`] at `now`, unless an attempt of theirs still
+    /// holds its row (its result would count into a removed series).
+    fn evict_idle(&mut self, now: Instant, metrics: &Metrics) {
+        let idle: Vec<i64> = self
+            .last_used
+            .iter()
+            .filter(|(webhook_id, used)| {
+                now.saturating_duration_since(**used) >= IDLE_EVICTION && !self.busy.is_busy(**webhook_id)
+            })
+            .map(|(webhook_id, _)| *webhook_id)
+            .collect();
+        for webhook_id in idle {
+            self.forget(webhook_id, metrics);
+        }
+    }
+
+    fn forget(&mut self, webhook_id: i64, metrics: &Metrics) {
+        self.targets.evict(webhook_id);
+        self.last_used.remove(&webhook_id);
+        if self.series.remove(&webhook_id).is_some() {
+            metrics.remove_webhook(webhook_id);
+        }
+    }
 }
 
 /// This worker's attempts per webhook that still hold their row (started and not yet written
-/// back): what the claim compares with `HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK`.
-#[derive(Default)]
-struct Busy(std::sync::Mutex<HashMap<i64, u32>>);
+/// back): what the claim compares with `HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK`. `held` is their sum,
+/// exported as `worker_slots_held`.
+struct Busy {
+    counts: std::sync::Mutex<HashMap<i64, u32>>,
+    held: prometheus::IntGauge,
+}
 
 impl Busy {
+    fn new(held: prometheus::IntGauge) -> Self {
+        Self { counts: std::sync::Mutex::default(), held }
+    }
+
+    fn is_busy(&self, webhook_id: i64) -> bool {
+        self.counts().contains_key(&webhook_id)
+    }
+
     fn snapshot(&self) -> Vec<(i64, u32)> {
         self.counts().iter().map(|(webhook_id, busy)| (*webhook_id, *busy)).collect()
     }
 
     fn hold(self: &Arc<Self>, webhook_id: i64, permit: OwnedSemaphorePermit) -> Slot {
         *self.counts().entry(webhook_id).or_default() += 1;
+        self.held.inc();
         Slot { _permit: permit, busy: self.clone(), webhook_id }
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
         // The map stays consistent whatever panicked while holding it: every change is one step.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -869,6 +1120,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.busy.held.dec();
         let mut counts = self.busy.counts();
         if let Some(busy) = counts.get_mut(&self.webhook_id) {
             *busy -= 1;
@@ -876,5 +1128,103 @@ impl Drop for Slot {
                 counts.remove(&self.webhook_id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool that is never used: building one does not connect.
+    fn idle_pool() -> deadpool_postgres::Pool {
+        db::worker_pool("host=/nonexistent dbname=none", 1, Duration::from_secs(1)).expect("pool")
+    }
+
+    fn settings() -> Arc<WorkerSettings> {
+        let config = Config::from_env_map(&HashMap::new()).expect("defaults");
+        Arc::new(WorkerSettings::from_config(&config))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_attempt_gives_its_in_flight_count_back() {
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        let held = gauge.clone();
+        let task = tokio::spawn(async move {
+            let _in_flight = InFlight::start(&held);
+            assert_eq!(held.get(), 1);
+            panic!("an attempt that panics");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_completer_that_dies_stops_the_engine_and_one_that_drains_does_not() {
+        let completer = || Completer {
+            queue: Queue::new(idle_pool()),
+            settings: settings(),
+            metrics: Arc::new(Metrics::new().unwrap()),
+            settled: Arc::new(Notify::new()),
+            unwritten: Arc::new(Unwritten::default()),
+            writes_failing: Arc::new(AtomicBool::new(false)),
+        };
+        // Dies (aborted here, as a panic would end it): the engine's stop fires.
+        let stop = CancellationToken::new();
+        let (_results, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(complete(completer(), receiver, stop.clone().drop_guard()));
+        task.abort();
+        let _ = task.await;
+        assert!(stop.is_cancelled(), "a dead completer must stop the engine");
+        // Ends because every sender is gone (the normal end of a drain): nothing fires.
+        let stop = CancellationToken::new();
+        let (results, receiver) = mpsc::unbounded_channel();
+        drop(results);
+        complete(completer(), receiver, stop.clone().drop_guard()).await;
+        assert!(!stop.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn idle_webhooks_are_forgotten_with_their_series_unless_an_attempt_holds_a_row() {
+        let metrics = Metrics::new().unwrap();
+        let keyring = Keyring::from_settings(Some(&crate::crypto::EncryptionKey::generate_base64().into()), &[])
+            .expect("keyring");
+        let store = WebhookStore::new(idle_pool(), Arc::new(keyring));
+        let busy = Arc::new(Busy::new(metrics.worker_slots_held.clone()));
+        let mut webhooks = PerWebhook::new(busy.clone(), cache::WebhookCache::new(store));
+        let start = Instant::now();
+        for webhook_id in [7, 8, 9] {
+            let series = Arc::new(WebhookMetrics::new(&metrics, webhook_id));
+            series.attempt(Outcome::Delivered, Duration::from_millis(3));
+            webhooks.series.insert(webhook_id, series);
+            webhooks.last_used.insert(webhook_id, start);
+        }
+        webhooks.last_used.insert(9, start + IDLE_EVICTION);
+        let semaphore = Arc::new(Semaphore::new(1));
+        let slot = busy.hold(8, semaphore.try_acquire_owned().unwrap());
+        assert_eq!(metrics.worker_slots_held.get(), 1);
+
+        webhooks.evict_idle(start + IDLE_EVICTION, &metrics);
+        let text = metrics.render();
+        assert!(!text.contains("webhook_id=\"7\""), "idle webhook 7 keeps its series:\n{text}");
+        assert!(text.contains("webhook_id=\"8\""), "webhook 8 has an attempt holding its row");
+        assert!(text.contains("webhook_id=\"9\""), "webhook 9 was used recently");
+        assert_eq!(webhooks.series.len(), 2);
+
+        drop(slot);
+        assert_eq!(metrics.worker_slots_held.get(), 0);
+        webhooks.evict_idle(start + IDLE_EVICTION, &metrics);
+        assert!(!metrics.render().contains("webhook_id=\"8\""));
+    }
+
+    #[test]
+    fn the_duration_histogram_covers_the_longest_attempt_allowed() {
+        let metrics = Metrics::new().unwrap();
+        metrics.delivery_duration_seconds.with_label_values(&["1"]).observe(299.0);
+        let text = metrics.render();
+        let bucket = text
+            .lines()
+            .filter(|line| line.starts_with("webhook_delivery_duration_seconds_bucket"))
+            .find(|line| !line.contains("+Inf") && line.ends_with(" 1"));
+        assert!(bucket.is_some(), "a 5-minute attempt lands only in +Inf:\n{text}");
     }
 }
