@@ -35,7 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use url::{Host, Url};
 
-use self::guard::{AddressPolicy, BlockedAddress};
+use self::guard::{AddressPolicy, RefusedRanges};
 
 /// Longest webhook URL accepted (spec §11: limits on every input).
 pub const MAX_URL_LENGTH: usize = 2048;
@@ -485,13 +485,9 @@ enum ResolveError {
     },
     #[error("{host} resolved to no addresses")]
     NoAddresses { host: String },
-    #[error("{host} resolves only to refused addresses ({refused} refused)")]
-    Blocked {
-        host: String,
-        refused: usize,
-        #[source]
-        first: BlockedAddress,
-    },
+    /// Ranges and counts only: this text reaches the registrant (see [`guard::BlockedAddress`]).
+    #[error("{host} resolves only to addresses in refused ranges: {refused}")]
+    Blocked { host: String, refused: RefusedRanges },
 }
 
 impl tower_service::Service<Name> for GuardedResolver {
@@ -519,28 +515,24 @@ impl tower_service::Service<Name> for GuardedResolver {
                 return Err(ResolveError::NoAddresses { host });
             }
             let mut allowed = Vec::with_capacity(resolved.len());
-            let mut refused = Vec::new();
+            let mut refused = RefusedRanges::default();
             for address in resolved {
                 match policy.check(address.ip()) {
                     Ok(()) => allowed.push(address),
-                    Err(blocked) => refused.push(blocked),
+                    Err(blocked) => refused.add(blocked),
                 }
             }
             if !refused.is_empty() {
                 tracing::debug!(
                     host = %host,
-                    refused = refused.len(),
+                    refused = %refused,
                     allowed = allowed.len(),
                     "address guard dropped resolved addresses"
                 );
             }
             if allowed.is_empty() {
-                let count = refused.len();
-                // Non-empty: `resolved` was non-empty and every address was refused.
-                if let Some(first) = refused.into_iter().next() {
-                    return Err(ResolveError::Blocked { host, refused: count, first });
-                }
-                return Err(ResolveError::NoAddresses { host });
+                // `resolved` was not empty, so every address was refused.
+                return Err(ResolveError::Blocked { host, refused });
             }
             Ok(allowed.into_iter())
         })
@@ -791,10 +783,9 @@ mod tests {
             assert_eq!(class(literal), Some(ErrorClass::Blocked), "{literal}");
         }
         let blocked = client.check_url("https://10.0.0.1:8443/hook?token=s3cret").expect_err("private address refused");
-        assert_eq!(
-            blocked.message,
-            "https://10.0.0.1:8443: address 10.0.0.1 is in a refused range (private, RFC 1918)"
-        );
+        // Names the range, never the address: the same words whether the address was typed or
+        // resolved (a resolved one would map internal DNS for the registrant).
+        assert_eq!(blocked.message, "https://10.0.0.1:8443: address in a refused range (private, RFC 1918)");
     }
 
     #[tokio::test]
@@ -999,7 +990,10 @@ mod tests {
         let outcome = client(options(false)).send(post("http://localhost:9/hook", SHORT)).await;
         let error = outcome.result.expect_err("loopback refused");
         assert_eq!(error.class, ErrorClass::Blocked, "{error}");
-        assert!(error.message.contains("refused range (loopback"), "{error}");
+        // The range and a count, not the address the name resolved to.
+        assert!(error.message.contains("localhost resolves only to addresses in refused ranges: "), "{error}");
+        assert!(error.message.contains("loopback, 127.0.0.0/8 (1 address"), "{error}");
+        assert!(!error.message.contains("127.0.0.1"), "{error}");
     }
 
     #[tokio::test]
@@ -1015,7 +1009,10 @@ mod tests {
 
         let mut closed = GuardedResolver { policy: Arc::new(AddressPolicy::new(Vec::new())) };
         let error = closed.call(name("localhost")).await.expect_err("loopback refused");
-        assert!(matches!(error, ResolveError::Blocked { .. }));
+        match error {
+            ResolveError::Blocked { refused, .. } => assert!(refused.total() >= 1, "{refused}"),
+            other => panic!("expected Blocked, got {other:?}"),
+        }
     }
 
     #[test]
