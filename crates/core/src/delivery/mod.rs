@@ -37,8 +37,14 @@ use url::{Host, Url};
 
 use self::guard::{AddressPolicy, RefusedRanges};
 
-/// Longest webhook URL accepted (spec §11: limits on every input).
+/// Longest webhook URL accepted (spec §11: limits on every input), in bytes, both as typed and
+/// once normalised.
 pub const MAX_URL_LENGTH: usize = 2048;
+
+/// Longest hostname DNS can carry (RFC 1035: 255 octets on the wire, 253 as text without the
+/// trailing dot). A longer one can never resolve, so it is refused when the webhook is created
+/// rather than dead at its first attempt.
+pub const MAX_HOST_LENGTH: usize = 253;
 
 /// How much of a response body is kept for the attempt log.
 pub const BODY_EXCERPT_LIMIT: usize = 1024;
@@ -216,15 +222,28 @@ impl DeliveryClient {
     }
 
     /// Validates a webhook URL before it is stored or used: parse, scheme (https, or http when
-    /// allowed), has a host, no userinfo credentials, length <= 2048, and a literal-IP host
-    /// checked by the policy. Hostnames are checked when they are resolved, at send time,
-    /// because what they resolve to can change.
+    /// allowed), has a host of at most 253 bytes, no userinfo credentials, length <= 2048 as
+    /// typed and once normalised, and a literal-IP host checked by the policy. Hostnames are
+    /// checked when they are resolved, at send time, because what they resolve to can change.
+    ///
+    /// The answer is the normalised URL: the form that is stored and checked again before every
+    /// attempt, so whatever passes here passes there.
     pub fn check_url(&self, url: &str) -> Result<Url, DeliveryError> {
         let invalid = |message: String| DeliveryError::new(ErrorClass::InvalidUrl, message);
+        // Bounds the parser's work; the limit that decides is the one on the normalised form.
         if url.len() > MAX_URL_LENGTH {
             return Err(invalid(format!("URL is {} bytes long; the limit is {MAX_URL_LENGTH}", url.len())));
         }
         let parsed = Url::parse(url).map_err(|e| invalid(format!("not a valid URL: {e}")))?;
+        // Percent-encoding can make a URL three times longer than typed (each non-ASCII byte
+        // becomes %XX), and the long form is the one stored and re-checked at send time: a
+        // check of the typed form alone would admit a webhook that can never be sent.
+        let normalised = parsed.as_str().len();
+        if normalised > MAX_URL_LENGTH {
+            return Err(invalid(format!(
+                "URL is {normalised} bytes long once normalised (percent-encoded); the limit is {MAX_URL_LENGTH}"
+            )));
+        }
         match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
@@ -242,7 +261,15 @@ impl DeliveryClient {
         }
         let literal = match parsed.host() {
             None => return Err(invalid("URL has no host".to_owned())),
-            Some(Host::Domain(_)) => None,
+            Some(Host::Domain(domain)) => {
+                let length = domain.strip_suffix('.').unwrap_or(domain).len();
+                if length > MAX_HOST_LENGTH {
+                    return Err(invalid(format!(
+                        "host is {length} bytes long; DNS names are at most {MAX_HOST_LENGTH}"
+                    )));
+                }
+                None
+            }
             Some(Host::Ipv4(ip)) => Some(ip.into()),
             Some(Host::Ipv6(ip)) => Some(ip.into()),
         };
@@ -786,6 +813,37 @@ mod tests {
         // Names the range, never the address: the same words whether the address was typed or
         // resolved (a resolved one would map internal DNS for the registrant).
         assert_eq!(blocked.message, "https://10.0.0.1:8443: address in a refused range (private, RFC 1918)");
+    }
+
+    #[tokio::test]
+    async fn the_length_limit_applies_to_the_normalised_url() {
+        let client = client(ClientOptions { allow_http: false, ..options(false) });
+        // 1,420 bytes as typed; percent-encoding makes each 2-byte "é" 6 bytes (4,220 in all).
+        let grows = format!("https://example.com/{}", "é".repeat(700));
+        assert!(grows.len() < MAX_URL_LENGTH);
+        let error = client.check_url(&grows).expect_err("normalised form is over the limit");
+        assert_eq!(error.class, ErrorClass::InvalidUrl);
+        assert!(error.message.contains("normalised") && error.message.contains("2048"), "{error}");
+
+        // What is admitted is what gets stored and checked again at send time: it must pass again.
+        let fits = format!("https://example.com/{}", "é".repeat((MAX_URL_LENGTH - 20) / 6));
+        let admitted = client.check_url(&fits).expect("fits once normalised");
+        assert!(admitted.as_str().len() <= MAX_URL_LENGTH);
+        assert_eq!(client.check_url(admitted.as_str()).expect("admitted again"), admitted);
+    }
+
+    #[tokio::test]
+    async fn a_host_longer_than_dns_allows_is_refused() {
+        let client = client(ClientOptions { allow_http: false, ..options(false) });
+        let label = "a".repeat(63);
+        // 4 labels of 63 and 3 dots: 255 bytes, over DNS's 253.
+        let long = format!("https://{label}.{label}.{label}.{label}/hook");
+        let error = client.check_url(&long).expect_err("no resolver answers for this name");
+        assert_eq!(error.class, ErrorClass::InvalidUrl);
+        assert!(error.message.contains("253"), "{error}");
+        let longest = format!("https://{label}.{label}.{label}.{}/hook", "a".repeat(61));
+        assert!(client.check_url(&longest).is_ok());
+        assert!(client.check_url(&format!("https://{label}.{label}.{label}.{}./hook", "a".repeat(61))).is_ok());
     }
 
     #[tokio::test]
