@@ -52,6 +52,23 @@ pub const BODY_EXCERPT_LIMIT: usize = 1024;
 /// Idle pooled connections are closed after this long; receivers usually drop theirs sooner.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Idle connections kept per receiver (scheme, host, port). A burst to one receiver opens as
+/// many connections as there are attempts in flight (up to `HOOKFLEET_MAX_IN_FLIGHT`, 64 by
+/// default, all to one host in the worst case); unbounded, every one of them would then sit
+/// idle for [`POOL_IDLE_TIMEOUT`], a file descriptor and a TLS session each. 32 keeps steady
+/// traffic to a busy receiver on warm connections (HTTP/2 needs only one) and lets a burst's
+/// surplus close as soon as it is done.
+const POOL_MAX_IDLE_PER_HOST: usize = 32;
+
+/// The HTTP/2 flow-control window per stream can be no smaller than the protocol's initial
+/// 65,535 bytes and no larger than 2^31 - 1.
+const HTTP2_MIN_WINDOW: u32 = 65_535;
+const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// hyper's default connection window (5 MiB); raised only if one stream's window is larger, so
+/// that a single capped body is never held back by the connection's window.
+const HTTP2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
 /// How the delivery client is built; filled from configuration by the worker.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -162,7 +179,7 @@ impl std::fmt::Display for ErrorClass {
     }
 }
 
-type Connector = HttpsConnector<HttpConnector<GuardedResolver>>;
+type Connector = BoundedConnector<HttpsConnector<HttpConnector<GuardedResolver>>>;
 
 /// The shared HTTP client. Cloning is cheap and shares the connection pool.
 #[derive(Clone)]
@@ -206,11 +223,20 @@ impl DeliveryClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
+        let connector = BoundedConnector { inner: https, timeout: options.connect_timeout };
 
+        // A body is read up to the cap and no further, so a window the size of the cap lets the
+        // receiver send all of it without waiting for window updates, and no more than it.
+        let stream_window = u32::try_from(options.response_body_cap)
+            .unwrap_or(HTTP2_MAX_WINDOW)
+            .clamp(HTTP2_MIN_WINDOW, HTTP2_MAX_WINDOW);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .http2_initial_stream_window_size(stream_window)
+            .http2_initial_connection_window_size(stream_window.max(HTTP2_CONNECTION_WINDOW))
+            .build(connector);
 
         Ok(Self {
             client,
@@ -340,6 +366,54 @@ impl DeliveryClient {
             )),
         };
         result.map_err(|e| redact(e, &url))
+    }
+}
+
+/// Bounds everything a connector does for one connection — lookup, TCP connect and TLS
+/// handshake — by the connect timeout.
+///
+/// HttpConnector's own timeout covers the TCP connect only, so a receiver that accepts and then
+/// never answers the ClientHello held an attempt until its total timeout. Worse, when a request
+/// is served by a pooled connection that freed up while a new one was still being made,
+/// hyper-util lets the losing connect finish in the background, outside any attempt's timeout:
+/// without this bound, such a handshake could hold its socket forever.
+#[derive(Clone, Debug)]
+struct BoundedConnector<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+/// The connector ran out of time; hyper reports it as a connect error.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection within {0:?} (DNS lookup, TCP connect and TLS handshake; HOOKFLEET_CONNECT_TIMEOUT)")]
+struct ConnectTimeout(Duration);
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl<C> tower_service::Service<http::Uri> for BoundedConnector<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            // Dropping `connecting` on timeout closes the half-made connection.
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
+            }
+        })
     }
 }
 
@@ -949,6 +1023,155 @@ mod tests {
         assert_eq!(class_of(&outcome), Some(ErrorClass::Timeout));
         assert!(outcome.duration >= timeout);
         assert!(outcome.duration < SHORT, "took {:?}", outcome.duration);
+    }
+
+    /// Polls `check` every 10 ms until it holds; panics with `what` once `deadline` has passed.
+    async fn eventually(deadline: Duration, what: &str, check: impl Fn() -> bool) {
+        let until = Instant::now() + deadline;
+        while !check() {
+            assert!(Instant::now() < until, "not within {deadline:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A listener on 127.0.0.1:0 that accepts and then says nothing: it reads and discards what
+    /// it is sent (a ClientHello, say) until the client closes. Counts connections that closed.
+    async fn start_mute_receiver() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let closed = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&closed);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(1..) = stream.read(&mut buffer).await {}
+                    counter.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (address, closed)
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_completes_is_bounded_by_the_connect_timeout() {
+        let (address, closed) = start_mute_receiver().await;
+        let connect_timeout = Duration::from_millis(300);
+        let client = client(ClientOptions { allow_http: false, connect_timeout, ..options(true) });
+        let attempt_timeout = Duration::from_secs(20);
+
+        let outcome = client.send(post(format!("https://{address}/hook"), attempt_timeout)).await;
+        // TCP connects at once; only the handshake hangs. Bounded, it ends near 300 ms; unbounded,
+        // only the attempt's 20 s would end it. 5 s leaves room for a loaded machine.
+        assert!(outcome.duration < Duration::from_secs(5), "took {:?}: {outcome:?}", outcome.duration);
+        let error = outcome.result.expect_err("no handshake, no response");
+        assert_eq!(error.class, ErrorClass::Connect, "{error}");
+        assert!(error.message.contains("300ms"), "{error}");
+        // The half-open TLS connection is dropped, not left to finish in the background.
+        eventually(SHORT, "the client closes the stalled connection", || closed.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_per_host_are_capped() {
+        // One more than the cap in flight at once: each response waits until all have arrived,
+        // so HTTP/1.1 needs that many connections, and all of them then go idle together.
+        const IN_FLIGHT: usize = POOL_MAX_IDLE_PER_HOST + 2;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let all_arrived = Arc::new(tokio::sync::Barrier::new(IN_FLIGHT));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (accepted_by_server, closed_by_client) = (Arc::clone(&accepted), Arc::clone(&closed));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted_by_server.fetch_add(1, Ordering::SeqCst);
+                let closed = Arc::clone(&closed_by_client);
+                let (all_arrived, requests) = (Arc::clone(&all_arrived), Arc::clone(&requests));
+                tokio::spawn(async move {
+                    let service = service_fn(move |_request: http::Request<Incoming>| {
+                        let all_arrived = Arc::clone(&all_arrived);
+                        // Only the first burst waits; later requests are answered at once.
+                        let in_burst = requests.fetch_add(1, Ordering::SeqCst) < IN_FLIGHT;
+                        async move {
+                            if in_burst {
+                                all_arrived.wait().await;
+                            }
+                            Ok::<_, Infallible>(ok())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+
+        let client = client(options(true));
+        let url = format!("http://{address}/hook");
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (client, request) = (client.clone(), post(url.as_str(), SHORT));
+            attempts.spawn(async move { client.send(request).await });
+        }
+        while let Some(outcome) = attempts.join_next().await {
+            assert_eq!(outcome.expect("attempt task").result.expect("delivered").status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), IN_FLIGHT);
+        // The pool keeps the cap and closes the rest; unbounded, it would keep all of them.
+        eventually(SHORT, "connections over the idle cap are closed", || {
+            closed.load(Ordering::SeqCst) == IN_FLIGHT - POOL_MAX_IDLE_PER_HOST
+        })
+        .await;
+        // The ones kept are live and reused: no new connection for the next request.
+        assert_eq!(client.send(post(url.as_str(), SHORT)).await.result.expect("delivered").status, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), IN_FLIGHT);
+        assert_eq!(closed.load(Ordering::SeqCst), IN_FLIGHT - POOL_MAX_IDLE_PER_HOST);
+    }
+
+    #[tokio::test]
+    async fn http2_stream_window_follows_the_response_body_cap() {
+        // Reads what the client sends first on an h2 connection (preface, then SETTINGS) and
+        // hands back its SETTINGS_INITIAL_WINDOW_SIZE (0x4), if it sent one.
+        let (ca, acceptor) = test_pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        let (window_tx, mut window_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok(mut stream) = acceptor.accept(stream).await else { return };
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let mut preface = [0u8; 24];
+            stream.read_exact(&mut preface).await.expect("preface");
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await.expect("frame header");
+            assert_eq!(header[3], 0x4, "the first frame is SETTINGS");
+            let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0u8; length];
+            stream.read_exact(&mut payload).await.expect("settings payload");
+            let window = payload
+                .chunks_exact(6)
+                .find(|setting| setting[..2] == [0, 4])
+                .map(|setting| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]));
+            let _ = window_tx.send(window);
+        });
+
+        let cap = 1024 * 1024;
+        let client = client(ClientOptions {
+            allow_http: false,
+            response_body_cap: cap,
+            extra_root_certificates: vec![ca],
+            ..options(true)
+        });
+        let sending = client.send(post(format!("https://localhost:{port}/hook"), SHORT));
+        let window = tokio::select! {
+            window = window_rx.recv() => window.expect("the receiver read the settings"),
+            outcome = sending => panic!("the attempt ended before the settings were read: {outcome:?}"),
+        };
+        assert_eq!(window, Some(u32::try_from(cap).expect("small cap")));
     }
 
     #[tokio::test]
