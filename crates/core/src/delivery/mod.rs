@@ -2,8 +2,10 @@
 //!
 //! One [`DeliveryClient`] is shared by every task of a worker so that keep-alive connections
 //! (HTTP/1.1, or HTTP/2 when the receiver offers it over ALPN) are pooled per receiver. An
-//! attempt is bounded everywhere a receiver could hold us: the connect timeout, one total timeout
-//! around connect + send + response, and a cap on how much response body is read. Redirects are
+//! attempt is bounded everywhere a receiver could hold us: the connect timeout (around lookup,
+//! TCP connect and TLS handshake together), one total timeout around connect + send + response,
+//! and a cap on how much response body is read. What outlives an attempt is bounded too: idle
+//! connections per receiver, and getaddrinfo calls still running (`lookup`). Redirects are
 //! never followed (the legacy hyper client does not follow them; a 3xx is returned as is).
 //!
 //! SSRF (ECOSYSTEM §2.3): a URL is parsed and its scheme checked, a literal IP host is checked
@@ -12,6 +14,7 @@
 //! so there is no second lookup an attacker's DNS could answer differently.
 
 pub mod guard;
+mod lookup;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -36,6 +39,7 @@ use rustls::pki_types::CertificateDer;
 use url::{Host, Url};
 
 use self::guard::{AddressPolicy, RefusedRanges};
+use self::lookup::{LookupError, LookupLimiter};
 
 /// Longest webhook URL accepted (spec §11: limits on every input), in bytes, both as typed and
 /// once normalised.
@@ -59,6 +63,13 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// traffic to a busy receiver on warm connections (HTTP/2 needs only one) and lets a burst's
 /// surplus close as soon as it is done.
 const POOL_MAX_IDLE_PER_HOST: usize = 32;
+
+/// getaddrinfo calls running at once. Only a new connection needs a lookup (a pooled one does
+/// not) and a healthy resolver answers in milliseconds, so 16 at a time serve far more new
+/// connections per second than a worker opens; what the bound is for is a stalled nameserver,
+/// where each lookup pins a blocking-pool thread until the system resolver gives up
+/// (`lookup` explains).
+const MAX_CONCURRENT_LOOKUPS: usize = 16;
 
 /// The HTTP/2 flow-control window per stream can be no smaller than the protocol's initial
 /// 65,535 bytes and no larger than 2^31 - 1.
@@ -212,7 +223,10 @@ impl DeliveryClient {
         let tls = tls_config(&options.extra_root_certificates)?;
         let policy = Arc::new(AddressPolicy::new(options.allowed_cidrs));
 
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: Arc::clone(&policy) });
+        // The same limit as the connector's below, which covers the lookup too; this one keeps
+        // the resolver bounded on its own, waiting for a free slot included.
+        let lookups = Arc::new(LookupLimiter::new(MAX_CONCURRENT_LOOKUPS, options.connect_timeout));
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: Arc::clone(&policy), lookups });
         // The https connector wraps this one, so it must accept https:// URIs too.
         http.enforce_http(false);
         http.set_connect_timeout(Some(options.connect_timeout));
@@ -568,11 +582,13 @@ fn excerpt(bytes: &[u8]) -> String {
     text
 }
 
-/// Resolves hostnames with getaddrinfo (`/etc/hosts`, compose service names) and returns only
-/// the addresses the policy allows; the connector dials exactly what it gets back.
+/// Resolves hostnames with getaddrinfo (`/etc/hosts`, compose service names), through the
+/// shared [`LookupLimiter`], and returns only the addresses the policy allows; the connector
+/// dials exactly what it gets back.
 #[derive(Clone, Debug)]
 struct GuardedResolver {
     policy: Arc<AddressPolicy>,
+    lookups: Arc<LookupLimiter>,
 }
 
 /// Why a hostname gave nothing to dial. Found again by [`request_error`] in the error chain.
@@ -582,7 +598,7 @@ enum ResolveError {
     Lookup {
         host: String,
         #[source]
-        source: io::Error,
+        source: LookupError,
     },
     #[error("{host} resolved to no addresses")]
     NoAddresses { host: String },
@@ -602,13 +618,11 @@ impl tower_service::Service<Name> for GuardedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let policy = Arc::clone(&self.policy);
+        let lookups = Arc::clone(&self.lookups);
         Box::pin(async move {
             let host = name.as_str().to_owned();
             // Port 0: HttpConnector puts the URL's port on every address it gets back.
-            // Collected at once: the lookup's iterator borrows `name`.
-            let resolved: Result<Vec<SocketAddr>, io::Error> =
-                tokio::net::lookup_host((name.as_str(), 0)).await.map(Iterator::collect);
-            let resolved = match resolved {
+            let resolved = match lookups.lookup(&host).await {
                 Ok(addresses) => addresses,
                 Err(source) => return Err(ResolveError::Lookup { host, source }),
             };
@@ -1282,13 +1296,17 @@ mod tests {
         use tower_service::Service;
         let name = |host: &str| host.parse::<Name>().expect("name");
 
-        let mut open =
-            GuardedResolver { policy: Arc::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().expect("cidr")])) };
+        let lookups = Arc::new(LookupLimiter::new(MAX_CONCURRENT_LOOKUPS, SHORT));
+        let resolver = |allowed: Vec<ipnet::IpNet>| GuardedResolver {
+            policy: Arc::new(AddressPolicy::new(allowed)),
+            lookups: Arc::clone(&lookups),
+        };
+        let mut open = resolver(vec!["127.0.0.0/8".parse().expect("cidr")]);
         let addresses: Vec<SocketAddr> = open.call(name("localhost")).await.expect("localhost allowed").collect();
         assert!(!addresses.is_empty());
         assert!(addresses.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()));
 
-        let mut closed = GuardedResolver { policy: Arc::new(AddressPolicy::new(Vec::new())) };
+        let mut closed = resolver(Vec::new());
         let error = closed.call(name("localhost")).await.expect_err("loopback refused");
         match error {
             ResolveError::Blocked { refused, .. } => assert!(refused.total() >= 1, "{refused}"),
