@@ -16,6 +16,10 @@ use crate::signing::SigningSecret;
 const LOAD_WEBHOOKS: &str = include_str!("../../../sql/queries/load_webhooks.sql");
 const MAX_EVENT_TYPES: usize = 100;
 
+/// Longest webhook name, in characters: the `webhooks_name_length` check in
+/// `sql/V0001__schema.sql`, which a default name must meet as well as a given one.
+pub const MAX_NAME_CHARS: usize = 200;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("invalid webhook: {0}")]
@@ -151,7 +155,9 @@ impl WebhookStore {
         };
         let name = match &new.name {
             Some(name) => name.clone(),
-            None => url.host_str().unwrap_or("webhook").to_owned(),
+            // A hostname may be up to 253 bytes (`check_url` allows no more); the name column
+            // allows 200 characters, so a long host is cut rather than refused by the database.
+            None => url.host_str().unwrap_or("webhook").chars().take(MAX_NAME_CHARS).collect(),
         };
         let stored = vec![StoredSecret { secret: secret.to_whsec(), expires_at: None }];
         let secrets_json = serde_json::to_vec(&stored).map_err(|error| WebhookError::Invalid(error.to_string()))?;
@@ -361,8 +367,8 @@ impl WebhookStore {
 fn validate(new: &NewWebhook) -> Result<(), WebhookError> {
     let invalid = |message: String| Err(WebhookError::Invalid(message));
     if let Some(name) = &new.name {
-        if name.is_empty() || name.chars().count() > 200 {
-            return invalid("name: must be 1 to 200 characters".into());
+        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+            return invalid(format!("name: must be 1 to {MAX_NAME_CHARS} characters"));
         }
     }
     if new.event_types.len() > MAX_EVENT_TYPES {

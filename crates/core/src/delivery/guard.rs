@@ -127,17 +127,62 @@ impl AddressPolicy {
         }
         match denied_range(ip) {
             None => Ok(()),
-            Some(range) => Err(BlockedAddress { ip, range }),
+            Some(range) => Err(BlockedAddress { range }),
         }
     }
 }
 
-/// An address the policy refuses, with the range that refused it.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("address {ip} is in a refused range ({range})")]
+/// An address the policy refuses, known only by the range that refused it.
+///
+/// The address itself is deliberately not kept: refusals end up in error messages and
+/// `delivery_attempts`, which the registrant reads, and naming what a hostname resolved to
+/// (10.1.2.3, say) would let them map internal DNS one webhook at a time. A literal IP is
+/// reported the same way so that there is one message, not two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("address in a refused range ({range})")]
 pub struct BlockedAddress {
-    pub ip: IpAddr,
     pub range: &'static str,
+}
+
+/// The refusals among one hostname's addresses: each range with how many addresses fell in it,
+/// in the order first seen. What a registrant may learn is "2 addresses in RFC 1918", never
+/// which ones (see [`BlockedAddress`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefusedRanges {
+    counts: Vec<(&'static str, usize)>,
+}
+
+impl RefusedRanges {
+    pub fn add(&mut self, blocked: BlockedAddress) {
+        match self.counts.iter_mut().find(|(range, _)| *range == blocked.range) {
+            Some((_, count)) => *count += 1,
+            None => self.counts.push((blocked.range, 1)),
+        }
+    }
+
+    /// Addresses refused, over all ranges.
+    pub fn total(&self) -> usize {
+        self.counts.iter().map(|(_, count)| count).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+impl std::fmt::Display for RefusedRanges {
+    /// `private, RFC 1918 (2 addresses); loopback, 127.0.0.0/8 (1 address)`: range names hold
+    /// commas, so ranges are separated by semicolons.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, (range, count)) in self.counts.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            let noun = if *count == 1 { "address" } else { "addresses" };
+            write!(f, "{range} ({count} {noun})")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -270,13 +315,32 @@ mod tests {
     fn policy_refuses_special_ranges_by_default() {
         let policy = AddressPolicy::new(Vec::new());
         let err = policy.check(ip("10.0.0.1")).expect_err("private address refused");
-        assert_eq!(err.to_string(), "address 10.0.0.1 is in a refused range (private, RFC 1918)");
+        assert_eq!(err.to_string(), "address in a refused range (private, RFC 1918)");
         assert!(policy.check(ip("127.0.0.1")).is_err());
         assert!(policy.check(ip("::1")).is_err());
         assert!(policy.check(ip("::ffff:127.0.0.1")).is_err());
         assert!(policy.check(ip("169.254.169.254")).is_err());
         assert!(policy.check(ip("8.8.8.8")).is_ok());
         assert!(policy.check(ip("2606:4700::1111")).is_ok());
+    }
+
+    #[test]
+    fn refused_ranges_count_per_range_and_never_name_an_address() {
+        let policy = AddressPolicy::new(Vec::new());
+        let mut refused = RefusedRanges::default();
+        assert!(refused.is_empty());
+        for address in ["10.1.2.3", "127.0.0.1", "192.168.7.7", "fd00::1", "10.9.9.9"] {
+            refused.add(policy.check(ip(address)).expect_err("special-purpose address"));
+        }
+        assert_eq!(refused.total(), 5);
+        let text = refused.to_string();
+        assert_eq!(
+            text,
+            "private, RFC 1918 (3 addresses); loopback, 127.0.0.0/8 (1 address); unique local, ULA fc00::/7 (1 address)"
+        );
+        for address in ["10.1.2.3", "127.0.0.1", "192.168.7.7", "fd00::1", "10.9.9.9"] {
+            assert!(!text.contains(address), "{text} names {address}");
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! One [`DeliveryClient`] is shared by every task of a worker so that keep-alive connections
 //! (HTTP/1.1, or HTTP/2 when the receiver offers it over ALPN) are pooled per receiver. An
-//! attempt is bounded everywhere a receiver could hold us: the connect timeout, one total timeout
-//! around connect + send + response, and a cap on how much response body is read. Redirects are
+//! attempt is bounded everywhere a receiver could hold us: the connect timeout (around lookup,
+//! TCP connect and TLS handshake together), one total timeout around connect + send + response,
+//! and a cap on how much response body is read. What outlives an attempt is bounded too: idle
+//! connections per receiver, and getaddrinfo calls still running (`lookup`). Redirects are
 //! never followed (the legacy hyper client does not follow them; a 3xx is returned as is).
 //!
 //! SSRF (ECOSYSTEM §2.3): a URL is parsed and its scheme checked, a literal IP host is checked
@@ -12,6 +14,7 @@
 //! so there is no second lookup an attacker's DNS could answer differently.
 
 pub mod guard;
+mod lookup;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -35,16 +38,47 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use url::{Host, Url};
 
-use self::guard::{AddressPolicy, BlockedAddress};
+use self::guard::{AddressPolicy, RefusedRanges};
+use self::lookup::{LookupError, LookupLimiter};
 
-/// Longest webhook URL accepted (spec §11: limits on every input).
+/// Longest webhook URL accepted (spec §11: limits on every input), in bytes, both as typed and
+/// once normalised.
 pub const MAX_URL_LENGTH: usize = 2048;
+
+/// Longest hostname DNS can carry (RFC 1035: 255 octets on the wire, 253 as text without the
+/// trailing dot). A longer one can never resolve, so it is refused when the webhook is created
+/// rather than dead at its first attempt.
+pub const MAX_HOST_LENGTH: usize = 253;
 
 /// How much of a response body is kept for the attempt log.
 pub const BODY_EXCERPT_LIMIT: usize = 1024;
 
 /// Idle pooled connections are closed after this long; receivers usually drop theirs sooner.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Idle connections kept per receiver (scheme, host, port). A burst to one receiver opens as
+/// many connections as there are attempts in flight (up to `HOOKFLEET_MAX_IN_FLIGHT`, 64 by
+/// default, all to one host in the worst case); unbounded, every one of them would then sit
+/// idle for [`POOL_IDLE_TIMEOUT`], a file descriptor and a TLS session each. 32 keeps steady
+/// traffic to a busy receiver on warm connections (HTTP/2 needs only one) and lets a burst's
+/// surplus close as soon as it is done.
+const POOL_MAX_IDLE_PER_HOST: usize = 32;
+
+/// getaddrinfo calls running at once. Only a new connection needs a lookup (a pooled one does
+/// not) and a healthy resolver answers in milliseconds, so 16 at a time serve far more new
+/// connections per second than a worker opens; what the bound is for is a stalled nameserver,
+/// where each lookup pins a blocking-pool thread until the system resolver gives up
+/// (`lookup` explains).
+const MAX_CONCURRENT_LOOKUPS: usize = 16;
+
+/// The HTTP/2 flow-control window per stream can be no smaller than the protocol's initial
+/// 65,535 bytes and no larger than 2^31 - 1.
+const HTTP2_MIN_WINDOW: u32 = 65_535;
+const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// hyper's default connection window (5 MiB); raised only if one stream's window is larger, so
+/// that a single capped body is never held back by the connection's window.
+const HTTP2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 /// How the delivery client is built; filled from configuration by the worker.
 #[derive(Clone, Debug)]
@@ -156,7 +190,7 @@ impl std::fmt::Display for ErrorClass {
     }
 }
 
-type Connector = HttpsConnector<HttpConnector<GuardedResolver>>;
+type Connector = BoundedConnector<HttpsConnector<HttpConnector<GuardedResolver>>>;
 
 /// The shared HTTP client. Cloning is cheap and shares the connection pool.
 #[derive(Clone)]
@@ -189,7 +223,10 @@ impl DeliveryClient {
         let tls = tls_config(&options.extra_root_certificates)?;
         let policy = Arc::new(AddressPolicy::new(options.allowed_cidrs));
 
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: Arc::clone(&policy) });
+        // The same limit as the connector's below, which covers the lookup too; this one keeps
+        // the resolver bounded on its own, waiting for a free slot included.
+        let lookups = Arc::new(LookupLimiter::new(MAX_CONCURRENT_LOOKUPS, options.connect_timeout));
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: Arc::clone(&policy), lookups });
         // The https connector wraps this one, so it must accept https:// URIs too.
         http.enforce_http(false);
         http.set_connect_timeout(Some(options.connect_timeout));
@@ -200,11 +237,20 @@ impl DeliveryClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
+        let connector = BoundedConnector { inner: https, timeout: options.connect_timeout };
 
+        // A body is read up to the cap and no further, so a window the size of the cap lets the
+        // receiver send all of it without waiting for window updates, and no more than it.
+        let stream_window = u32::try_from(options.response_body_cap)
+            .unwrap_or(HTTP2_MAX_WINDOW)
+            .clamp(HTTP2_MIN_WINDOW, HTTP2_MAX_WINDOW);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .http2_initial_stream_window_size(stream_window)
+            .http2_initial_connection_window_size(stream_window.max(HTTP2_CONNECTION_WINDOW))
+            .build(connector);
 
         Ok(Self {
             client,
@@ -216,15 +262,28 @@ impl DeliveryClient {
     }
 
     /// Validates a webhook URL before it is stored or used: parse, scheme (https, or http when
-    /// allowed), has a host, no userinfo credentials, length <= 2048, and a literal-IP host
-    /// checked by the policy. Hostnames are checked when they are resolved, at send time,
-    /// because what they resolve to can change.
+    /// allowed), has a host of at most 253 bytes, no userinfo credentials, length <= 2048 as
+    /// typed and once normalised, and a literal-IP host checked by the policy. Hostnames are
+    /// checked when they are resolved, at send time, because what they resolve to can change.
+    ///
+    /// The answer is the normalised URL: the form that is stored and checked again before every
+    /// attempt, so whatever passes here passes there.
     pub fn check_url(&self, url: &str) -> Result<Url, DeliveryError> {
         let invalid = |message: String| DeliveryError::new(ErrorClass::InvalidUrl, message);
+        // Bounds the parser's work; the limit that decides is the one on the normalised form.
         if url.len() > MAX_URL_LENGTH {
             return Err(invalid(format!("URL is {} bytes long; the limit is {MAX_URL_LENGTH}", url.len())));
         }
         let parsed = Url::parse(url).map_err(|e| invalid(format!("not a valid URL: {e}")))?;
+        // Percent-encoding can make a URL three times longer than typed (each non-ASCII byte
+        // becomes %XX), and the long form is the one stored and re-checked at send time: a
+        // check of the typed form alone would admit a webhook that can never be sent.
+        let normalised = parsed.as_str().len();
+        if normalised > MAX_URL_LENGTH {
+            return Err(invalid(format!(
+                "URL is {normalised} bytes long once normalised (percent-encoded); the limit is {MAX_URL_LENGTH}"
+            )));
+        }
         match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
@@ -242,7 +301,15 @@ impl DeliveryClient {
         }
         let literal = match parsed.host() {
             None => return Err(invalid("URL has no host".to_owned())),
-            Some(Host::Domain(_)) => None,
+            Some(Host::Domain(domain)) => {
+                let length = domain.strip_suffix('.').unwrap_or(domain).len();
+                if length > MAX_HOST_LENGTH {
+                    return Err(invalid(format!(
+                        "host is {length} bytes long; DNS names are at most {MAX_HOST_LENGTH}"
+                    )));
+                }
+                None
+            }
             Some(Host::Ipv4(ip)) => Some(ip.into()),
             Some(Host::Ipv6(ip)) => Some(ip.into()),
         };
@@ -313,6 +380,54 @@ impl DeliveryClient {
             )),
         };
         result.map_err(|e| redact(e, &url))
+    }
+}
+
+/// Bounds everything a connector does for one connection — lookup, TCP connect and TLS
+/// handshake — by the connect timeout.
+///
+/// HttpConnector's own timeout covers the TCP connect only, so a receiver that accepts and then
+/// never answers the ClientHello held an attempt until its total timeout. Worse, when a request
+/// is served by a pooled connection that freed up while a new one was still being made,
+/// hyper-util lets the losing connect finish in the background, outside any attempt's timeout:
+/// without this bound, such a handshake could hold its socket forever.
+#[derive(Clone, Debug)]
+struct BoundedConnector<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+/// The connector ran out of time; hyper reports it as a connect error.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection within {0:?} (DNS lookup, TCP connect and TLS handshake; HOOKFLEET_CONNECT_TIMEOUT)")]
+struct ConnectTimeout(Duration);
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl<C> tower_service::Service<http::Uri> for BoundedConnector<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            // Dropping `connecting` on timeout closes the half-made connection.
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
+            }
+        })
     }
 }
 
@@ -467,11 +582,13 @@ fn excerpt(bytes: &[u8]) -> String {
     text
 }
 
-/// Resolves hostnames with getaddrinfo (`/etc/hosts`, compose service names) and returns only
-/// the addresses the policy allows; the connector dials exactly what it gets back.
+/// Resolves hostnames with getaddrinfo (`/etc/hosts`, compose service names), through the
+/// shared [`LookupLimiter`], and returns only the addresses the policy allows; the connector
+/// dials exactly what it gets back.
 #[derive(Clone, Debug)]
 struct GuardedResolver {
     policy: Arc<AddressPolicy>,
+    lookups: Arc<LookupLimiter>,
 }
 
 /// Why a hostname gave nothing to dial. Found again by [`request_error`] in the error chain.
@@ -481,17 +598,13 @@ enum ResolveError {
     Lookup {
         host: String,
         #[source]
-        source: io::Error,
+        source: LookupError,
     },
     #[error("{host} resolved to no addresses")]
     NoAddresses { host: String },
-    #[error("{host} resolves only to refused addresses ({refused} refused)")]
-    Blocked {
-        host: String,
-        refused: usize,
-        #[source]
-        first: BlockedAddress,
-    },
+    /// Ranges and counts only: this text reaches the registrant (see [`guard::BlockedAddress`]).
+    #[error("{host} resolves only to addresses in refused ranges: {refused}")]
+    Blocked { host: String, refused: RefusedRanges },
 }
 
 impl tower_service::Service<Name> for GuardedResolver {
@@ -505,13 +618,11 @@ impl tower_service::Service<Name> for GuardedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let policy = Arc::clone(&self.policy);
+        let lookups = Arc::clone(&self.lookups);
         Box::pin(async move {
             let host = name.as_str().to_owned();
             // Port 0: HttpConnector puts the URL's port on every address it gets back.
-            // Collected at once: the lookup's iterator borrows `name`.
-            let resolved: Result<Vec<SocketAddr>, io::Error> =
-                tokio::net::lookup_host((name.as_str(), 0)).await.map(Iterator::collect);
-            let resolved = match resolved {
+            let resolved = match lookups.lookup(&host).await {
                 Ok(addresses) => addresses,
                 Err(source) => return Err(ResolveError::Lookup { host, source }),
             };
@@ -519,28 +630,24 @@ impl tower_service::Service<Name> for GuardedResolver {
                 return Err(ResolveError::NoAddresses { host });
             }
             let mut allowed = Vec::with_capacity(resolved.len());
-            let mut refused = Vec::new();
+            let mut refused = RefusedRanges::default();
             for address in resolved {
                 match policy.check(address.ip()) {
                     Ok(()) => allowed.push(address),
-                    Err(blocked) => refused.push(blocked),
+                    Err(blocked) => refused.add(blocked),
                 }
             }
             if !refused.is_empty() {
                 tracing::debug!(
                     host = %host,
-                    refused = refused.len(),
+                    refused = %refused,
                     allowed = allowed.len(),
                     "address guard dropped resolved addresses"
                 );
             }
             if allowed.is_empty() {
-                let count = refused.len();
-                // Non-empty: `resolved` was non-empty and every address was refused.
-                if let Some(first) = refused.into_iter().next() {
-                    return Err(ResolveError::Blocked { host, refused: count, first });
-                }
-                return Err(ResolveError::NoAddresses { host });
+                // `resolved` was not empty, so every address was refused.
+                return Err(ResolveError::Blocked { host, refused });
             }
             Ok(allowed.into_iter())
         })
@@ -791,10 +898,40 @@ mod tests {
             assert_eq!(class(literal), Some(ErrorClass::Blocked), "{literal}");
         }
         let blocked = client.check_url("https://10.0.0.1:8443/hook?token=s3cret").expect_err("private address refused");
-        assert_eq!(
-            blocked.message,
-            "https://10.0.0.1:8443: address 10.0.0.1 is in a refused range (private, RFC 1918)"
-        );
+        // Names the range, never the address: the same words whether the address was typed or
+        // resolved (a resolved one would map internal DNS for the registrant).
+        assert_eq!(blocked.message, "https://10.0.0.1:8443: address in a refused range (private, RFC 1918)");
+    }
+
+    #[tokio::test]
+    async fn the_length_limit_applies_to_the_normalised_url() {
+        let client = client(ClientOptions { allow_http: false, ..options(false) });
+        // 1,420 bytes as typed; percent-encoding makes each 2-byte "é" 6 bytes (4,220 in all).
+        let grows = format!("https://example.com/{}", "é".repeat(700));
+        assert!(grows.len() < MAX_URL_LENGTH);
+        let error = client.check_url(&grows).expect_err("normalised form is over the limit");
+        assert_eq!(error.class, ErrorClass::InvalidUrl);
+        assert!(error.message.contains("normalised") && error.message.contains("2048"), "{error}");
+
+        // What is admitted is what gets stored and checked again at send time: it must pass again.
+        let fits = format!("https://example.com/{}", "é".repeat((MAX_URL_LENGTH - 20) / 6));
+        let admitted = client.check_url(&fits).expect("fits once normalised");
+        assert!(admitted.as_str().len() <= MAX_URL_LENGTH);
+        assert_eq!(client.check_url(admitted.as_str()).expect("admitted again"), admitted);
+    }
+
+    #[tokio::test]
+    async fn a_host_longer_than_dns_allows_is_refused() {
+        let client = client(ClientOptions { allow_http: false, ..options(false) });
+        let label = "a".repeat(63);
+        // 4 labels of 63 and 3 dots: 255 bytes, over DNS's 253.
+        let long = format!("https://{label}.{label}.{label}.{label}/hook");
+        let error = client.check_url(&long).expect_err("no resolver answers for this name");
+        assert_eq!(error.class, ErrorClass::InvalidUrl);
+        assert!(error.message.contains("253"), "{error}");
+        let longest = format!("https://{label}.{label}.{label}.{}/hook", "a".repeat(61));
+        assert!(client.check_url(&longest).is_ok());
+        assert!(client.check_url(&format!("https://{label}.{label}.{label}.{}./hook", "a".repeat(61))).is_ok());
     }
 
     #[tokio::test]
@@ -902,6 +1039,155 @@ mod tests {
         assert!(outcome.duration < SHORT, "took {:?}", outcome.duration);
     }
 
+    /// Polls `check` every 10 ms until it holds; panics with `what` once `deadline` has passed.
+    async fn eventually(deadline: Duration, what: &str, check: impl Fn() -> bool) {
+        let until = Instant::now() + deadline;
+        while !check() {
+            assert!(Instant::now() < until, "not within {deadline:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A listener on 127.0.0.1:0 that accepts and then says nothing: it reads and discards what
+    /// it is sent (a ClientHello, say) until the client closes. Counts connections that closed.
+    async fn start_mute_receiver() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let closed = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&closed);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(1..) = stream.read(&mut buffer).await {}
+                    counter.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (address, closed)
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_completes_is_bounded_by_the_connect_timeout() {
+        let (address, closed) = start_mute_receiver().await;
+        let connect_timeout = Duration::from_millis(300);
+        let client = client(ClientOptions { allow_http: false, connect_timeout, ..options(true) });
+        let attempt_timeout = Duration::from_secs(20);
+
+        let outcome = client.send(post(format!("https://{address}/hook"), attempt_timeout)).await;
+        // TCP connects at once; only the handshake hangs. Bounded, it ends near 300 ms; unbounded,
+        // only the attempt's 20 s would end it. 5 s leaves room for a loaded machine.
+        assert!(outcome.duration < Duration::from_secs(5), "took {:?}: {outcome:?}", outcome.duration);
+        let error = outcome.result.expect_err("no handshake, no response");
+        assert_eq!(error.class, ErrorClass::Connect, "{error}");
+        assert!(error.message.contains("300ms"), "{error}");
+        // The half-open TLS connection is dropped, not left to finish in the background.
+        eventually(SHORT, "the client closes the stalled connection", || closed.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_per_host_are_capped() {
+        // One more than the cap in flight at once: each response waits until all have arrived,
+        // so HTTP/1.1 needs that many connections, and all of them then go idle together.
+        const IN_FLIGHT: usize = POOL_MAX_IDLE_PER_HOST + 2;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let all_arrived = Arc::new(tokio::sync::Barrier::new(IN_FLIGHT));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (accepted_by_server, closed_by_client) = (Arc::clone(&accepted), Arc::clone(&closed));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted_by_server.fetch_add(1, Ordering::SeqCst);
+                let closed = Arc::clone(&closed_by_client);
+                let (all_arrived, requests) = (Arc::clone(&all_arrived), Arc::clone(&requests));
+                tokio::spawn(async move {
+                    let service = service_fn(move |_request: http::Request<Incoming>| {
+                        let all_arrived = Arc::clone(&all_arrived);
+                        // Only the first burst waits; later requests are answered at once.
+                        let in_burst = requests.fetch_add(1, Ordering::SeqCst) < IN_FLIGHT;
+                        async move {
+                            if in_burst {
+                                all_arrived.wait().await;
+                            }
+                            Ok::<_, Infallible>(ok())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+
+        let client = client(options(true));
+        let url = format!("http://{address}/hook");
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (client, request) = (client.clone(), post(url.as_str(), SHORT));
+            attempts.spawn(async move { client.send(request).await });
+        }
+        while let Some(outcome) = attempts.join_next().await {
+            assert_eq!(outcome.expect("attempt task").result.expect("delivered").status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), IN_FLIGHT);
+        // The pool keeps the cap and closes the rest; unbounded, it would keep all of them.
+        eventually(SHORT, "connections over the idle cap are closed", || {
+            closed.load(Ordering::SeqCst) == IN_FLIGHT - POOL_MAX_IDLE_PER_HOST
+        })
+        .await;
+        // The ones kept are live and reused: no new connection for the next request.
+        assert_eq!(client.send(post(url.as_str(), SHORT)).await.result.expect("delivered").status, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), IN_FLIGHT);
+        assert_eq!(closed.load(Ordering::SeqCst), IN_FLIGHT - POOL_MAX_IDLE_PER_HOST);
+    }
+
+    #[tokio::test]
+    async fn http2_stream_window_follows_the_response_body_cap() {
+        // Reads what the client sends first on an h2 connection (preface, then SETTINGS) and
+        // hands back its SETTINGS_INITIAL_WINDOW_SIZE (0x4), if it sent one.
+        let (ca, acceptor) = test_pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("local address").port();
+        let (window_tx, mut window_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok(mut stream) = acceptor.accept(stream).await else { return };
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let mut preface = [0u8; 24];
+            stream.read_exact(&mut preface).await.expect("preface");
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await.expect("frame header");
+            assert_eq!(header[3], 0x4, "the first frame is SETTINGS");
+            let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0u8; length];
+            stream.read_exact(&mut payload).await.expect("settings payload");
+            let window = payload
+                .chunks_exact(6)
+                .find(|setting| setting[..2] == [0, 4])
+                .map(|setting| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]));
+            let _ = window_tx.send(window);
+        });
+
+        let cap = 1024 * 1024;
+        let client = client(ClientOptions {
+            allow_http: false,
+            response_body_cap: cap,
+            extra_root_certificates: vec![ca],
+            ..options(true)
+        });
+        let sending = client.send(post(format!("https://localhost:{port}/hook"), SHORT));
+        let window = tokio::select! {
+            window = window_rx.recv() => window.expect("the receiver read the settings"),
+            outcome = sending => panic!("the attempt ended before the settings were read: {outcome:?}"),
+        };
+        assert_eq!(window, Some(u32::try_from(cap).expect("small cap")));
+    }
+
     #[tokio::test]
     async fn an_oversized_body_is_capped_not_an_error() {
         fn huge() -> http::Response<Full<Bytes>> {
@@ -999,7 +1285,10 @@ mod tests {
         let outcome = client(options(false)).send(post("http://localhost:9/hook", SHORT)).await;
         let error = outcome.result.expect_err("loopback refused");
         assert_eq!(error.class, ErrorClass::Blocked, "{error}");
-        assert!(error.message.contains("refused range (loopback"), "{error}");
+        // The range and a count, not the address the name resolved to.
+        assert!(error.message.contains("localhost resolves only to addresses in refused ranges: "), "{error}");
+        assert!(error.message.contains("loopback, 127.0.0.0/8 (1 address"), "{error}");
+        assert!(!error.message.contains("127.0.0.1"), "{error}");
     }
 
     #[tokio::test]
@@ -1007,15 +1296,22 @@ mod tests {
         use tower_service::Service;
         let name = |host: &str| host.parse::<Name>().expect("name");
 
-        let mut open =
-            GuardedResolver { policy: Arc::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().expect("cidr")])) };
+        let lookups = Arc::new(LookupLimiter::new(MAX_CONCURRENT_LOOKUPS, SHORT));
+        let resolver = |allowed: Vec<ipnet::IpNet>| GuardedResolver {
+            policy: Arc::new(AddressPolicy::new(allowed)),
+            lookups: Arc::clone(&lookups),
+        };
+        let mut open = resolver(vec!["127.0.0.0/8".parse().expect("cidr")]);
         let addresses: Vec<SocketAddr> = open.call(name("localhost")).await.expect("localhost allowed").collect();
         assert!(!addresses.is_empty());
         assert!(addresses.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()));
 
-        let mut closed = GuardedResolver { policy: Arc::new(AddressPolicy::new(Vec::new())) };
+        let mut closed = resolver(Vec::new());
         let error = closed.call(name("localhost")).await.expect_err("loopback refused");
-        assert!(matches!(error, ResolveError::Blocked { .. }));
+        match error {
+            ResolveError::Blocked { refused, .. } => assert!(refused.total() >= 1, "{refused}"),
+            other => panic!("expected Blocked, got {other:?}"),
+        }
     }
 
     #[test]
