@@ -80,7 +80,8 @@ const CONNECT_TIMEOUT: SettingDoc = SettingDoc {
     env: "HOOKFLEET_CONNECT_TIMEOUT",
     key: "connect_timeout",
     default: "2s",
-    description: "Time allowed to open a connection (more than 0); never longer than the \
+    description: "Time allowed to open a connection to a receiver: name lookup, TCP connect and \
+                  TLS handshake together (more than 0); never longer than the \
                   attempt's total timeout.",
 };
 const RATE_LIMIT_RPS: SettingDoc = SettingDoc {
