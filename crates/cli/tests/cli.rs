@@ -228,7 +228,8 @@ async fn migrate_adopts_the_history_earlier_releases_left_in_public() {
     let repaired = ok(hookfleet(&env, &["migrate"]));
     assert!(repaired.contains("schema is up to date"), "nothing is applied again: {repaired}");
     assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
-    assert_eq!(db.count("SELECT count(*) FROM hookfleet.settings").await, 1, "V0001 did not run again");
+    // max_body_bytes (V0001, then migrate) and oldest_compatible_migration (V0011), once each.
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.settings").await, 2, "V0001 did not run again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
