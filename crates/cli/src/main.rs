@@ -11,6 +11,7 @@ use hookfleet_core::config::Config;
 use hookfleet_core::crypto::{EncryptionKey, Keyring};
 use hookfleet_core::db;
 use hookfleet_core::delivery::DeliveryClient;
+use hookfleet_core::schema::{self, Compatibility, SchemaError};
 use hookfleet_core::webhooks::{NewWebhook, WebhookStore};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -162,7 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhooks(WebhooksCommand::List { json }) => list_webhooks(&url, &config, json).await,
         Command::Status => status(&url).await,
         Command::Replay { delivery_id } => {
-            let client = db::connect(&url, "hookfleet-cli").await?;
+            let client = checked_connection(&url).await?;
             let row = client
                 .query_one("SELECT hookfleet.replay_delivery($1)", &[&delivery_id])
                 .await
@@ -172,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cancel { delivery_id } => {
-            let client = db::connect(&url, "hookfleet-cli").await?;
+            let client = checked_connection(&url).await?;
             let row = client
                 .query_one("SELECT cancelled, delivery_status FROM hookfleet.cancel_delivery($1)", &[&delivery_id])
                 .await
@@ -187,8 +188,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A connection to a database whose schema this build can work with (see `hookfleet_core::schema`).
+/// A person runs the CLI, so a database that is down is reported at once, not waited for.
+async fn checked_connection(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    Ok(schema::connect_checked(url, "hookfleet", std::time::Duration::ZERO).await?)
+}
+
 async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
     let mut client = db::connect(url, "hookfleet-migrate").await?;
+    // An older release's `migrate` in a rolling upgrade (an old pod's init step, say) meets a
+    // schema already migrated further. Refinery would fail on the migrations it does not know;
+    // while the schema still accepts this release there is nothing to do, and when it does not,
+    // the check says what to run instead.
+    match schema::check(&client, "hookfleet").await {
+        Ok(Compatibility::Newer { database_level, .. }) => {
+            println!("schema is up to date (V{database_level:04}, newer than this release's, which it still accepts)");
+            return Ok(());
+        }
+        Err(error @ (SchemaError::TooOld { .. } | SchemaError::UnknownCompatibility { .. })) => {
+            return Err(error.into())
+        }
+        // Never migrated, behind, current: refinery applies what is missing (or refuses a history
+        // that is not this build's, with its own message).
+        _ => {}
+    }
     let report = db::migrate(&mut client, config.max_body_bytes).await?;
     if report.applied.is_empty() {
         println!("schema is up to date");
@@ -198,14 +221,15 @@ async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn webhook_store(url: &str, config: &Config) -> anyhow::Result<WebhookStore> {
+async fn webhook_store(url: &str, config: &Config) -> anyhow::Result<WebhookStore> {
+    checked_connection(url).await?;
     let keyring = Keyring::from_settings(config.encryption_key.as_ref(), &config.previous_encryption_keys)?;
     let pool = db::pool(url, "hookfleet-cli", 2)?;
     Ok(WebhookStore::new(pool, Arc::new(keyring)))
 }
 
 async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow::Result<()> {
-    let store = webhook_store(url, config)?;
+    let store = webhook_store(url, config).await?;
     let client = DeliveryClient::new(hookfleet_core::worker::client_options(config))
         .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
     let new = NewWebhook {
@@ -228,7 +252,7 @@ async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow:
 }
 
 async fn list_webhooks(url: &str, config: &Config, json: bool) -> anyhow::Result<()> {
-    let webhooks = webhook_store(url, config)?.list().await?;
+    let webhooks = webhook_store(url, config).await?.list().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&webhooks)?);
         return Ok(());
@@ -250,7 +274,7 @@ async fn list_webhooks(url: &str, config: &Config, json: bool) -> anyhow::Result
 
 /// The dashboard views, each printed as a table.
 async fn status(url: &str) -> anyhow::Result<()> {
-    let client = db::connect(url, "hookfleet-status").await?;
+    let client = checked_connection(url).await?;
     let sections = [
         ("Queue", "SELECT delivery_status, deliveries, round(oldest_due_age_seconds::numeric, 1) AS oldest_due_age_seconds FROM hookfleet.v_queue_depth"),
         ("Webhooks", "SELECT webhook_id, name, enabled, health_status, circuit_state, success_rate_pct, avg_response_time_ms, pending, in_flight, consecutive_failures, last_status_code, left(last_error, 60) AS last_error FROM hookfleet.v_webhook_health_dashboard ORDER BY webhook_id"),

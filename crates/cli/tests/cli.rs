@@ -228,7 +228,8 @@ async fn migrate_adopts_the_history_earlier_releases_left_in_public() {
     let repaired = ok(hookfleet(&env, &["migrate"]));
     assert!(repaired.contains("schema is up to date"), "nothing is applied again: {repaired}");
     assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
-    assert_eq!(db.count("SELECT count(*) FROM hookfleet.settings").await, 1, "V0001 did not run again");
+    // max_body_bytes (V0001, then migrate) and oldest_compatible_migration (V0011), once each.
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.settings").await, 2, "V0001 did not run again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,6 +424,62 @@ async fn status_prints_every_dashboard() {
     let text = ok(hookfleet(&env, &["status"]));
     for section in ["Queue", "Webhooks", "Performance", "Workers", "billing", "pending", "healthy"] {
         assert!(text.contains(section), "{section} missing from:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_refuse_a_database_that_was_never_migrated_and_say_what_to_do() {
+    let db = empty_database().await;
+    let mut env = db.env();
+    // The embedded server trusts local roles, so a password is accepted and ignored: what matters
+    // is that it never reaches the message.
+    env.insert("DATABASE_URL".into(), format!("{} password=sekrit-123", db.url));
+    for args in [&["status"][..], &["webhooks", "list"], &["replay", "1"], &["cancel", "1"]] {
+        let output = hookfleet(&env, args);
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{args:?}: {}{text}", stdout(&output));
+        assert_eq!(text.matches("has no hookfleet schema: run `hookfleet migrate`").count(), 1, "{args:?}: {text}");
+        assert!(text.contains(&db.name), "{args:?} names the database: {text}");
+        assert!(!text.contains("sekrit-123"), "{args:?} shows the password: {text}");
+        assert!(!text.contains("does not exist"), "{args:?}: no raw relation error: {text}");
+    }
+}
+
+/// Records a migration newer than any this build has, as a later release's `migrate` would.
+async fn migrate_from_the_future(db: &TestDatabase) {
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO hookfleet.refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES (9999, 'from_a_later_release', '2030-01-01T00:00:00Z', '1')",
+        )
+        .await
+        .expect("a later release's migration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_release_works_with_a_newer_schema_until_the_schema_refuses_it() {
+    let db = database().await;
+    let env = db.env();
+    migrate_from_the_future(&db).await;
+    // An old pod's migrate step during a rolling upgrade: nothing to do, not a failure.
+    let migrated = hookfleet(&env, &["migrate"]);
+    assert!(migrated.status.success(), "{}{}", stdout(&migrated), stderr(&migrated));
+    assert!(stdout(&migrated).contains("schema is up to date (V9999"), "{}", stdout(&migrated));
+    let status = hookfleet(&env, &["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(stderr(&status).contains("is newer than this hookfleet's"), "warns: {}", stderr(&status));
+
+    db.client()
+        .await
+        .batch_execute("UPDATE hookfleet.settings SET value = '9999' WHERE name = 'oldest_compatible_migration'")
+        .await
+        .expect("the later release raised the floor");
+    for args in [&["status"][..], &["migrate"]] {
+        let output = hookfleet(&env, args);
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{args:?}: {}{text}", stdout(&output));
+        assert!(text.contains("binaries before schema V9999 cannot work with"), "{args:?}: {text}");
     }
 }
 

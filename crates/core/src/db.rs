@@ -18,7 +18,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x686f_6f6b_666c_6565; // "hookflee"
 /// `search_path` (`"$user", public`) means `public` on the first run, before the `hookfleet`
 /// schema exists, and `hookfleet` on every later run: an empty history there, V0001 applied
 /// again, `relation "settings" already exists`.
-const HISTORY_TABLE: &str = "hookfleet.refinery_schema_history";
+pub(crate) const HISTORY_TABLE: &str = "hookfleet.refinery_schema_history";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -165,6 +165,11 @@ pub async fn connect_with_options(
         }
     });
     Ok(client)
+}
+
+/// The migrations embedded in this binary: what [`crate::schema`] compares a database's history with.
+pub(crate) fn embedded_migrations() -> Vec<refinery::Migration> {
+    migrations::runner().get_migrations().clone()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 //! - `config`      — which settings exist, their defaults, how they layer and validate.
 //! - `telemetry`   — how logs are formatted and filtered (`LOG_FORMAT`, `LOG_LEVEL`).
 //! - `db`          — how we connect (pool) and how the schema is migrated.
+//! - `schema`      — whether this binary may run against a database's schema (the start-up check).
 //! - `queue`       — the only code that reads or writes the queue tables: claim, complete, release, rescue.
 //! - `webhooks`    — creating, listing and loading webhooks (URL and secrets encrypted at rest).
 //! - `crypto`      — encryption at rest (AES-256-GCM, key ids for rotation).
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod pg_embedded;
 pub mod queue;
 pub mod retry;
+pub mod schema;
 pub mod signing;
 pub mod telemetry;
 pub mod webhooks;

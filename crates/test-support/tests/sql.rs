@@ -2342,6 +2342,7 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V8__covering_due_index",
                 "V9__cheaper_claim_and_write_back",
                 "V10__review_fixes",
+                "V11__schema_compatibility",
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2395,6 +2396,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V8__covering_due_index".to_owned(),
                 "V9__cheaper_claim_and_write_back".to_owned(),
                 "V10__review_fixes".to_owned(),
+                "V11__schema_compatibility".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2408,15 +2410,21 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         let settings: Vec<(String, String)> = client
-            .query("SELECT name, value FROM hookfleet.settings", &[])
+            .query("SELECT name, value FROM hookfleet.settings ORDER BY name", &[])
             .await
             .expect("settings")
             .iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
-        assert_eq!(settings, [("max_body_bytes".to_owned(), "1000".to_owned())]);
+        assert_eq!(
+            settings,
+            [
+                ("max_body_bytes".to_owned(), "1000".to_owned()),
+                ("oldest_compatible_migration".to_owned(), "11".to_owned())
+            ]
+        );
         let template = db.client().await;
         assert_eq!(schema_fingerprint(&client).await, schema_fingerprint(&template).await);
     }

@@ -1,14 +1,40 @@
 //! `hookfleet-worker`: claims due deliveries from PostgreSQL and delivers them. Everything it does
-//! lives in `hookfleet_core::worker`; this binary loads the configuration, sets up logging, turns
+//! lives in `hookfleet_core::worker`; this binary answers `--help` and `--version`, loads the
+//! configuration, sets up logging, checks that it can work with the database's schema, turns
 //! SIGTERM/SIGINT into the shutdown token and reports how it ended.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
+use clap::Parser;
 use hookfleet_core::config::Config;
+use hookfleet_core::db::DbError;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+
+/// How long a worker started before its database is up keeps trying to reach it. A worker often
+/// starts together with PostgreSQL (compose, a node reboot), which takes seconds to accept
+/// connections; much longer means something is wrong, and an exit says so to the supervisor.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Takes no arguments: `--help` and `--version` only, so that asking for help never starts a worker.
+#[derive(Parser)]
+#[command(
+    name = "hookfleet-worker",
+    version,
+    about = "hookfleet worker: claims due deliveries from the PostgreSQL queue and delivers them",
+    after_help = "Configured by environment variables (DATABASE_URL, BATCH_SIZE, METRICS_ADDR, WORKER_ID, …) and an \
+                  optional TOML file named by HOOKFLEET_CONFIG; `hookfleet settings` lists every setting.\n\
+                  The database must have been migrated by `hookfleet migrate` from this release or a compatible \
+                  newer one; the worker checks at start-up and refuses otherwise."
+)]
+struct Arguments {}
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    Arguments::parse();
+    // Until logging is set up, stderr is the only channel; afterwards every message goes through
+    // the log (text or JSON, as LOG_FORMAT says), once.
     let config = match Config::load() {
         Ok(config) => config,
         Err(error) => {
@@ -20,13 +46,21 @@ async fn main() -> ExitCode {
         eprintln!("hookfleet-worker: {error}");
         return ExitCode::from(2);
     }
+    let Some(url) = config.database_url.as_ref().map(|url| url.expose_secret().to_owned()) else {
+        tracing::error!("hookfleet-worker cannot start: {}", DbError::MissingUrl);
+        return ExitCode::from(2);
+    };
+    // Before the signal handlers: Ctrl-C while waiting for the database ends the process at once.
+    if let Err(error) = hookfleet_core::schema::connect_checked(&url, "hookfleet-worker", STARTUP_PATIENCE).await {
+        tracing::error!("hookfleet-worker cannot start: {error}");
+        return ExitCode::FAILURE;
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     match hookfleet_core::worker::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "hookfleet-worker stopped");
-            eprintln!("hookfleet-worker: {error}");
+            tracing::error!("hookfleet-worker stopped: {error}");
             ExitCode::FAILURE
         }
     }
