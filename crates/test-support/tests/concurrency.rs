@@ -445,3 +445,34 @@ async fn every_change_to_a_webhook_bumps_its_version_and_nothing_else_does() {
         .expect("no-op");
     assert_eq!(version().await, before, "an UPDATE that changes nothing is no new version");
 }
+
+/// A worker's cache reloads a webhook when a claimed row carries another version. A webhook
+/// deleted and created again under the same webhook_id (an operator's DELETE and INSERT, a
+/// restore) must therefore never come back with a version it had before, or a running worker
+/// would sign with the deleted webhook's secret, to its URL.
+#[tokio::test]
+async fn a_webhook_created_again_under_its_id_never_repeats_a_version() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db, NewWebhook::default()).await;
+    client
+        .execute("UPDATE hookfleet.webhooks SET timeout_ms = 250 WHERE webhook_id = $1", &[&hook])
+        .await
+        .expect("change");
+    let query = format!("SELECT version FROM hookfleet.webhooks WHERE webhook_id = {hook}");
+    let before = db.count(&query).await;
+    client
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE saved AS SELECT * FROM hookfleet.webhooks WHERE webhook_id = {hook};
+             DELETE FROM hookfleet.webhooks WHERE webhook_id = {hook};
+             INSERT INTO hookfleet.webhooks SELECT * FROM saved;"
+        ))
+        .await
+        .expect("delete and create again, version included");
+    let again = db.count(&query).await;
+    assert!(again > before, "recreated at version {again}, not above the {before} a worker may have cached");
+    // A webhook created from nothing (no version given) is not at 1 either once others exist.
+    let other = webhook(&db, NewWebhook::default()).await;
+    let query = format!("SELECT version FROM hookfleet.webhooks WHERE webhook_id = {other}");
+    assert!(db.count(&query).await > again, "versions come from one sequence");
+}

@@ -2343,6 +2343,7 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V9__cheaper_claim_and_write_back",
                 "V10__review_fixes",
                 "V11__schema_compatibility",
+                "V12__webhook_versions_never_repeat",
             ]
         );
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
@@ -2397,6 +2398,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V9__cheaper_claim_and_write_back".to_owned(),
                 "V10__review_fixes".to_owned(),
                 "V11__schema_compatibility".to_owned(),
+                "V12__webhook_versions_never_repeat".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2410,7 +2412,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings ORDER BY name", &[])
             .await

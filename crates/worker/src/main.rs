@@ -30,9 +30,26 @@ const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 )]
 struct Arguments {}
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     Arguments::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("hookfleet-worker: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(start());
+    // A name lookup stuck in getaddrinfo (a mute nameserver) holds a blocking thread the attempt
+    // has long given up on; dropping the runtime would wait for it, past the orchestrator's kill.
+    runtime.shutdown_timeout(RUNTIME_STOP_LIMIT);
+    code
+}
+
+/// How long the exit waits for blocking threads still running (see `main`).
+const RUNTIME_STOP_LIMIT: Duration = Duration::from_millis(500);
+
+async fn start() -> ExitCode {
     // Until logging is set up, stderr is the only channel; afterwards every message goes through
     // the log (text or JSON, as LOG_FORMAT says), once.
     let config = match Config::load() {
