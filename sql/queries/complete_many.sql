@@ -51,7 +51,7 @@ settled AS (
             AND q.locked_until = i.locked_until
             AND q.delivery_status IN ('in_flight', 'pending'))
            OR (i.outcome = 'delivered' AND q.delivery_status = 'dead'))
-    RETURNING q.delivery_id
+    RETURNING q.delivery_id, i.started_at
 ),
 attempts AS (
     INSERT INTO hookfleet.delivery_attempts
@@ -90,6 +90,9 @@ SELECT ARRAY(SELECT delivery_id FROM settled) AS settled_ids,
        -- Leases lost: attempts recorded now that settled nothing. An attempt already recorded was
        -- written by an earlier try of this batch whose reply was lost, which settled its row then
        -- (or found it lost then): not a loss now.
+       -- Matched on the attempt, not the row: a batch may hold an expired claim's result and a
+       -- newer claim's for one row, and only the newer one settles it.
        ARRAY(SELECT a.delivery_id FROM attempts a
-             WHERE NOT EXISTS (SELECT 1 FROM settled s WHERE s.delivery_id = a.delivery_id)
+             WHERE NOT EXISTS (SELECT 1 FROM settled s
+                               WHERE s.delivery_id = a.delivery_id AND s.started_at = a.started_at)
              ORDER BY a.delivery_id) AS lost_ids

@@ -146,6 +146,8 @@ pub struct Queue {
 /// How much longer than the server's `statement_timeout` a call may take before the client gives
 /// up on it: long enough for the server's own cancel (a clean error) to arrive first.
 pub const CALL_LIMIT_MARGIN: Duration = Duration::from_secs(2);
+/// How long the cancel request of a call cut off may take (it opens a connection of its own).
+const CANCEL_LIMIT: Duration = Duration::from_secs(5);
 
 impl Queue {
     /// A queue whose calls each end within the pools' default statement timeout plus
@@ -171,17 +173,25 @@ impl Queue {
         work: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
         let limit = self.call_limit;
-        let client = match tokio::time::timeout(limit, self.pool.get()).await {
+        // One deadline for the checkout and the work together.
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Ok(client) => client?,
             Err(_) => {
                 self.pool.retain(|_, _| false);
                 return Err(DbError::TimedOut(limit));
             }
         };
-        let outcome = tokio::time::timeout(limit, work(&client)).await;
+        let outcome = tokio::time::timeout_at(deadline, work(&client)).await;
         match outcome {
             Ok(result) => result,
             Err(_) => {
+                // Asks the server to cancel the statement too: a frozen backend that resumes
+                // would otherwise still run it (a claim would hold rows nobody attempts).
+                let cancel = client.cancel_token();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CANCEL_LIMIT, cancel.cancel_query(tokio_postgres::NoTls)).await;
+                });
                 drop(deadpool_postgres::Object::take(client));
                 self.pool.retain(|_, _| false);
                 Err(DbError::TimedOut(limit))
@@ -450,14 +460,20 @@ impl Queue {
         .await
     }
 
-    /// The circuit of every webhook whose circuit is not closed, fleet-wide (`open` or
-    /// `half_open`), as the health rows say.
+    /// The circuit of every enabled webhook whose circuit is not closed, fleet-wide (`open` or
+    /// `half_open`), as the health rows say; open circuits idle for 15 minutes past their open
+    /// period are left out.
     pub async fn open_circuits(&self) -> Result<Vec<(i64, String)>, DbError> {
         self.call(async |client| {
             let rows = client
                 .query(
-                    "SELECT webhook_id, circuit_state FROM hookfleet.webhook_health_metrics \
-                     WHERE circuit_state <> 'closed'",
+                    // An open circuit whose open period ended long ago without a probe has had
+                    // no traffic since (a due row is probed at once): nothing to report, and
+                    // neither has a disabled webhook.
+                    "SELECT h.webhook_id, h.circuit_state FROM hookfleet.webhook_health_metrics h \
+                     JOIN hookfleet.webhooks w USING (webhook_id) \
+                     WHERE h.circuit_state <> 'closed' AND w.enabled \
+                       AND (h.circuit_state = 'half_open' OR h.circuit_open_until > now() - interval '15 minutes')",
                     &[],
                 )
                 .await?;

@@ -153,17 +153,22 @@ async fn failing_attempts_are_counted_and_logged_only_at_debug() {
             ..NewWebhook::default()
         })
         .await;
-    let worker = WorkerProcess::spawn(worker_binary(), &db, "w-quiet", &[]);
+    // Debug for the engine only, to see that its per-attempt lines are there, at debug, and say
+    // which message they are about.
+    let worker =
+        WorkerProcess::spawn(worker_binary(), &db, "w-quiet", &[("LOG_LEVEL", "info,hookfleet_core::worker=debug")]);
     let row = db.insert_delivery(hook.webhook_id, "{}").await;
     db.wait_for_status(row, "dead").await;
     let retried = format!("webhook_deliveries_total{{status=\"retry\",webhook_id=\"{}\"}}", hook.webhook_id);
     let dead = format!("webhook_deliveries_total{{status=\"dead\",webhook_id=\"{}\"}}", hook.webhook_id);
-    let body = metrics_until(&worker, "the attempts counted", |body| {
-        metric_value(body, &retried) == Some(2.0) && metric_value(body, &dead) == Some(1.0)
+    // The row reads dead a moment before the completer frees its slot: wait for both.
+    metrics_until(&worker, "the attempts counted and nothing held", |body| {
+        metric_value(body, &retried) == Some(2.0)
+            && metric_value(body, &dead) == Some(1.0)
+            && metric_value(body, "worker_slots_held") == Some(0.0)
+            && metric_value(body, "worker_in_flight") == Some(0.0)
     })
     .await;
-    assert_eq!(metric_value(&body, "worker_slots_held"), Some(0.0), "nothing is held once it settled");
-    assert_eq!(metric_value(&body, "worker_in_flight"), Some(0.0));
     let log = worker.log();
     for line in log.lines().filter(|line| line.contains("INFO") || line.contains("WARN")) {
         assert!(
@@ -171,4 +176,48 @@ async fn failing_attempts_are_counted_and_logged_only_at_debug() {
             "a per-attempt outcome logged above debug: {line}"
         );
     }
+    let failed: Vec<&str> =
+        log.lines().filter(|line| line.contains("DEBUG") && line.contains("attempt failed")).collect();
+    assert_eq!(failed.len(), 2, "{log}");
+    assert!(failed.iter().all(|line| line.contains("message_id=")), "the attempt span names the message: {failed:?}");
+}
+
+/// An operator's open transaction holding one in-flight row makes that row's write-back time out
+/// (the server's statement_timeout): a refusal, not an outage. The worker neither stops claiming
+/// nor holds every other result back behind it: other webhooks' rows are delivered and settled
+/// while the lock is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_held_by_an_operator_holds_back_no_other_delivery() {
+    let db = database().await;
+    let slow = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(1500))).await;
+    let fast = Receiver::ok().await;
+    let held_hook = webhook(&db, slow.url("/held")).await;
+    let other_hook = webhook(&db, fast.url("/other")).await;
+    let worker = WorkerProcess::spawn(worker_binary(), &db, "w-operator", &[("HOOKFLEET_DATABASE_TIMEOUT", "1s")]);
+    let held = db.insert_delivery(held_hook.webhook_id, "{}").await;
+    slow.wait_for(1, DEADLINE).await;
+    // The attempt is out; the operator locks its row before the answer comes back.
+    let mut operator = db.client().await;
+    let open = operator.transaction().await.expect("begin");
+    open.execute("SELECT 1 FROM hookfleet.delivery_queue WHERE delivery_id = $1 FOR UPDATE", &[&held])
+        .await
+        .expect("lock the row");
+    // The result came back and its write-back waits for the operator's lock.
+    assert!(db.wait_for_lock_wait("Write back one batch", || false).await, "the write-back waits for the row");
+    let others: Vec<i64> = {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(db.insert_delivery(other_hook.webhook_id, "{}").await);
+        }
+        ids
+    };
+    for id in &others {
+        db.wait_for_status(*id, "delivered").await;
+    }
+    let (state, ..) = db.delivery(held).await;
+    assert_eq!(state, "in_flight", "the held row cannot have been settled while locked");
+    open.rollback().await.expect("rollback");
+    let log = worker.log();
+    assert!(log.contains("refuses this result for now"), "the refusal is logged:\n{log}");
+    assert!(!log.contains("retrying until the database answers"), "a refusal is not an outage:\n{log}");
 }

@@ -42,12 +42,14 @@ use crate::webhooks::{WebhookError, WebhookStore, WebhookTarget};
 
 /// Largest write-back batch; bigger backlogs are written in several statements.
 const MAX_COMPLETE_BATCH: usize = 1000;
-/// After the shutdown grace, the time each last step may take: the final write-back, the release
-/// of what is held, the deregistration, the services' stop. Together 4 s, so that the whole drain
-/// ends within the grace + 4 s of the signal, before the orchestrator's kill (grace + 5 s in the
-/// shipped manifests). Whatever is still held then comes back through its lease.
-const FINAL_WRITE_BACK_LIMIT: Duration = Duration::from_millis(1500);
-const RELEASE_LIMIT: Duration = Duration::from_millis(1500);
+/// The time each step of the drain may take besides the grace: a claim in progress at the signal,
+/// and after the grace the final write-back, the release of what is held, the services' stop, the
+/// deregistration. Together 4 s (and the binary's 0.5 s for blocking threads), so that the whole
+/// drain ends within the grace + 4.5 s of the signal, before the orchestrator's kill (grace + 5 s
+/// in the shipped manifests). Whatever is still held then comes back through its lease.
+const CLAIM_FINISH_LIMIT: Duration = Duration::from_secs(1);
+const FINAL_WRITE_BACK_LIMIT: Duration = Duration::from_secs(1);
+const RELEASE_LIMIT: Duration = Duration::from_secs(1);
 const DEREGISTER_LIMIT: Duration = Duration::from_millis(500);
 const SERVICES_STOP_LIMIT: Duration = Duration::from_millis(500);
 /// How long a single release from an attempt task (a lease too short to start) may take.
@@ -56,6 +58,10 @@ const ATTEMPT_RELEASE_LIMIT: Duration = Duration::from_secs(3);
 /// results should land before a rescue hands the rows to another claim (which would send them
 /// again).
 const WRITE_BACK_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Within the metrics server's 2 s limit for `/readyz`.
+const READINESS_LIMIT: Duration = Duration::from_millis(1500);
+/// Tries of a single result the database refuses for a reason that may pass (see `FailureKind`).
+const REFUSED_TRIES: u32 = 3;
 /// How often the claim loop looks again while write-backs fail.
 const WRITE_BACK_WAIT: Duration = Duration::from_millis(50);
 /// How long rows of a webhook this worker cannot use (e.g. undecryptable) wait before another try.
@@ -189,9 +195,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     let ready: ReadinessCheck = Arc::new(move || {
         let pool = ready_pool.clone();
         Box::pin(async move {
-            match pool.get().await {
-                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
-                Err(_) => false,
+            let probe = async {
+                match pool.get().await {
+                    Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+                    Err(_) => false,
+                }
+            };
+            match tokio::time::timeout(READINESS_LIMIT, probe).await {
+                Ok(ready) => ready,
+                Err(_) => {
+                    // The connection it hung on went back to the pool with the query pending:
+                    // drop it (and the other idle ones) rather than let a write-back meet it.
+                    pool.retain(|_, _| false);
+                    false
+                }
             }
         })
     });
@@ -300,12 +317,11 @@ impl Engine {
         let writes_failing = Arc::new(AtomicBool::new(false));
 
         let services = TaskTracker::new();
-        match tokio::time::timeout(settings.call_limit, self.queue.heartbeat(&settings.identity, 0)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        match until_shutdown(self.queue.heartbeat(&settings.identity, 0), &stop).await {
+            Some(Ok(())) | None => {}
+            Some(Err(error)) => {
                 tracing::warn!(%error, "cannot register in hookfleet.workers yet; the heartbeat keeps trying")
             }
-            Err(_) => tracing::warn!("registering in hookfleet.workers timed out; the heartbeat keeps trying"),
         }
         services.spawn(heartbeat::run(self.queue.clone(), settings.clone(), self.metrics.clone(), stop.clone()));
         services.spawn(rescue::run(
@@ -330,7 +346,9 @@ impl Engine {
             unwritten: unwritten.clone(),
             writes_failing: writes_failing.clone(),
         };
-        let completer = tokio::spawn(complete(completer, results_rx, stop.clone().drop_guard()));
+        let died = Died::new(stop.clone());
+        let completer_died = died.flag.clone();
+        let completer = tokio::spawn(complete(completer, results_rx, died));
         let context = Arc::new(AttemptContext {
             settings: settings.clone(),
             client: self.client.clone(),
@@ -343,10 +361,8 @@ impl Engine {
         let attempts = TaskTracker::new();
         tracing::info!(%worker_id, batch_size = settings.batch_size, max_in_flight = settings.max_in_flight, "worker started");
 
-        self.claim_loop(&context, &attempts, &wake, &settled, &writes_failing, &stop).await;
-        // The completer ends on its own only once every sender is gone, and the context still
-        // holds one: finished now means it died.
-        let completer_died = completer.is_finished();
+        let claims = self.claim_loop(&context, &attempts, &wake, &settled, &writes_failing, &stop).await;
+        let completer_died = completer_died.load(Ordering::Acquire);
         stop.cancel();
 
         if completer_died {
@@ -389,7 +405,16 @@ impl Engine {
                 "results not written back; those deliveries stay in flight (not released) and return after their lease"
             );
         }
-        let mut still_held = if sent.is_empty() { StillHeld::None } else { StillHeld::Rows(sent.len()) };
+        let mut still_held = match (claims, sent.len()) {
+            (ClaimLoopEnd::ClaimCutOff, _) => {
+                tracing::warn!(
+                    "a claim in progress at the signal did not answer in time; what it took waits for its lease"
+                );
+                StillHeld::Unknown
+            }
+            (ClaimLoopEnd::Settled, 0) => StillHeld::None,
+            (ClaimLoopEnd::Settled, unwritten) => StillHeld::Rows(unwritten),
+        };
         match tokio::time::timeout(RELEASE_LIMIT, self.queue.release_held(&worker_id, &sent)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => tracing::info!(released, "released unfinished deliveries to pending"),
@@ -402,12 +427,13 @@ impl Engine {
                 tracing::warn!("releasing held deliveries timed out; their leases will expire");
             }
         }
+        // The services first, so that no heartbeat of theirs lands after the deregistration.
+        stop_services(&services).await;
         match tokio::time::timeout(DEREGISTER_LIMIT, self.queue.deregister(&worker_id)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot deregister from hookfleet.workers"),
             Err(_) => tracing::warn!("deregistering timed out; the registry forgets silent workers"),
         }
-        stop_services(&services).await;
         tracing::info!(%worker_id, "worker stopped");
         if completer_died {
             return Err(WorkerError::WriteBackDied);
@@ -423,7 +449,7 @@ impl Engine {
         settled: &Notify,
         writes_failing: &AtomicBool,
         shutdown: &CancellationToken,
-    ) {
+    ) -> ClaimLoopEnd {
         let settings = &self.settings;
         let slots = Arc::new(Semaphore::new(settings.max_in_flight as usize));
         let mut webhooks = PerWebhook::new(
@@ -443,15 +469,15 @@ impl Engine {
             // before this worker claims (or rescues) their rows again and sends them a second time.
             if writes_failing.load(Ordering::Acquire) {
                 if sleep_or_shutdown(WRITE_BACK_WAIT, shutdown).await {
-                    return;
+                    return ClaimLoopEnd::Settled;
                 }
                 continue;
             }
             // Wait for one free slot, then take whatever else is free, up to a batch.
             let first = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
-                permit = slots.clone().acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
+                _ = shutdown.cancelled() => return ClaimLoopEnd::Settled,
+                permit = slots.clone().acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return ClaimLoopEnd::Settled },
             };
             let mut permits = vec![first];
             while permits.len() < settings.batch_size as usize {
@@ -468,12 +494,20 @@ impl Engine {
                 webhook_slots: Some(settings.max_in_flight_per_webhook),
                 busy: webhooks.busy.snapshot(),
             };
-            // Raced against shutdown: a claim cut off after it committed leaves its rows held by this
-            // worker, and the release at the end of the drain gives them back.
+            // Raced against shutdown, but not dropped at once: a claim already sent may still
+            // commit, and its rows must be held before the drain's release looks for them, or they
+            // would wait a whole lease. It gets a moment to finish.
+            let claim_call = self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits);
+            tokio::pin!(claim_call);
             let claimed = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
-                claimed = self.queue.claim(&settings.identity.worker_id, requested as u32, settings.lease, &limits) => claimed,
+                _ = shutdown.cancelled() => {
+                    return match tokio::time::timeout(CLAIM_FINISH_LIMIT, &mut claim_call).await {
+                        Ok(_) => ClaimLoopEnd::Settled,
+                        Err(_) => ClaimLoopEnd::ClaimCutOff,
+                    };
+                }
+                claimed = &mut claim_call => claimed,
             };
             let claim = match claimed {
                 Ok(claim) => {
@@ -490,14 +524,14 @@ impl Engine {
                     let pause = database_backoff(failures);
                     tracing::warn!(%error, retry_in = ?pause, "claim failed; the database may be restarting");
                     if sleep_or_shutdown(pause, shutdown).await {
-                        return;
+                        return ClaimLoopEnd::Settled;
                     }
                     continue;
                 }
             };
             self.metrics.claim_duration_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.claimed_total.inc_by(claim.deliveries.len() as u64);
-            self.record_holds(&claim);
+            self.record_holds(&claim, &mut webhooks);
             let Claim { deliveries, rate_limited, held_for_capacity, contended, .. } = claim;
             let drained = deliveries.len() < requested;
             contended_for.retain(|webhook_id, _| contended.contains(webhook_id));
@@ -515,7 +549,7 @@ impl Engine {
                 load_failures += 1;
                 let pause = database_backoff(load_failures);
                 if sleep_or_shutdown(pause, shutdown).await {
-                    return;
+                    return ClaimLoopEnd::Settled;
                 }
                 continue;
             }
@@ -547,7 +581,7 @@ impl Engine {
                 }
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return ClaimLoopEnd::Settled,
                     _ = wake.notified() => {}
                     _ = settled.notified(), if capacity_wait => {}
                     _ = tokio::time::sleep(pause) => {}
@@ -587,10 +621,13 @@ impl Engine {
         }
     }
 
-    /// Metrics for what the claim held back or probed.
-    fn record_holds(&self, claim: &Claim) {
+    /// Metrics for what the claim held back or probed. A webhook held back is in use: its series
+    /// is evicted like any other once it has been idle for long.
+    fn record_holds(&self, claim: &Claim, webhooks: &mut PerWebhook) {
+        let now = Instant::now();
         for (webhook_id, _) in &claim.rate_limited {
             self.metrics.rate_limited_total.with_label_values(&[&webhook_id.to_string()]).inc();
+            webhooks.last_used.insert(*webhook_id, now);
         }
         for webhook_id in &claim.probes {
             tracing::info!(webhook_id, "circuit half-open: sending one probe");
@@ -615,8 +652,11 @@ impl Engine {
             _ = shutdown.cancelled() => return true,
             resolved = tokio::time::timeout(self.settings.call_limit, webhooks.targets.resolve(&claimed)) => resolved,
         };
-        let resolved =
-            resolved.unwrap_or_else(|_| Err(WebhookError::Database(DbError::TimedOut(self.settings.call_limit))));
+        let resolved = resolved.unwrap_or_else(|_| {
+            // As in `Queue::call`: the connection it hung on is back in the pool, unusable.
+            self.queue.pool().retain(|_, _| false);
+            Err(WebhookError::Database(DbError::TimedOut(self.settings.call_limit)))
+        });
         let targets = match resolved {
             Ok(targets) => targets,
             Err(error) => {
@@ -827,6 +867,34 @@ fn status_error(response: &Response) -> Option<String> {
     (!(200..300).contains(&response.status)).then(|| format!("HTTP {}", response.status))
 }
 
+/// Stops the engine when dropped armed (the completer's future ended without its channel closing:
+/// a panic, an abort), saying so in `flag` before `stop` fires, so that whoever wakes on `stop`
+/// can tell.
+struct Died {
+    stop: CancellationToken,
+    flag: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Died {
+    fn new(stop: CancellationToken) -> Self {
+        Self { stop, flag: Arc::new(AtomicBool::new(false)), armed: true }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Died {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.store(true, Ordering::Release);
+            self.stop.cancel();
+        }
+    }
+}
+
 /// What the single writer of results works with.
 struct Completer {
     queue: Queue,
@@ -842,16 +910,17 @@ struct Completer {
 /// The single writer of results: batches whatever has finished and writes it in one statement.
 /// `died` stops the engine if this task ends any other way than its channel closing (a panic, an
 /// abort): every later result would be lost.
-async fn complete(
-    completer: Completer,
-    mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>,
-    died: tokio_util::sync::DropGuard,
-) {
+async fn complete(completer: Completer, mut results: mpsc::UnboundedReceiver<(AttemptRecord, Slot)>, died: Died) {
     let Completer { queue, settings, metrics, settled, unwritten, writes_failing } = completer;
     let mut batch = Vec::with_capacity(MAX_COMPLETE_BATCH);
     while results.recv_many(&mut batch, MAX_COMPLETE_BATCH).await > 0 {
         let (records, slots): (Vec<AttemptRecord>, Vec<Slot>) = batch.drain(..).unzip();
         write_back(&queue, &settings, &metrics, &writes_failing, &records).await;
+        // The database answered. Claims and rescues resume only once every result that waited
+        // through the outage is written: the rows of those still queued may have expired leases.
+        if results.is_empty() {
+            writes_failing.store(false, Ordering::Release);
+        }
         // Written, or given up on (those rows come back through their lease): either way no
         // longer waiting, and never to be reported as held at shutdown.
         let ids: Vec<i64> = records.iter().map(|record| record.delivery_id).collect();
@@ -881,7 +950,6 @@ async fn write_back(
     loop {
         match queue.complete_many(&settings.identity.worker_id, batch, settings.breaker).await {
             Ok(report) => {
-                writes_failing.store(false, Ordering::Release);
                 if let Some(since) = failing_since {
                     tracing::info!(rows = batch.len(), failures, after = ?Instant::now().duration_since(since), "results written back after the database came back");
                 }
@@ -895,43 +963,85 @@ async fn write_back(
                 }
                 return;
             }
-            Err(error) if is_data_error(&error) => {
-                // The database answered: not an outage.
-                writes_failing.store(false, Ordering::Release);
-                metrics.database_errors_total.with_label_values(&["complete"]).inc();
-                if let [record] = batch {
-                    tracing::error!(%error, delivery_id = record.delivery_id, "the database refuses this result; the row returns after its lease");
+            Err(error) => match failure_kind(&error) {
+                // Refused as data, or refused for now (a statement timeout behind a row another
+                // session holds, a deadlock): split, so that one bad or blocked row cannot keep
+                // the others from settling. Claims go on meanwhile: the database answers.
+                FailureKind::Data | FailureKind::Refused if batch.len() > 1 => {
+                    metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                    tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
+                    let (left, right) = batch.split_at(batch.len() / 2);
+                    Box::pin(write_back(queue, settings, metrics, writes_failing, left)).await;
+                    Box::pin(write_back(queue, settings, metrics, writes_failing, right)).await;
                     return;
                 }
-                tracing::warn!(%error, rows = batch.len(), "the database refuses a batch; writing it back in halves");
-                let (left, right) = batch.split_at(batch.len() / 2);
-                Box::pin(write_back(queue, settings, metrics, writes_failing, left)).await;
-                Box::pin(write_back(queue, settings, metrics, writes_failing, right)).await;
-                return;
-            }
-            Err(error) => {
-                failures += 1;
-                failing_since.get_or_insert_with(Instant::now);
-                writes_failing.store(true, Ordering::Release);
-                metrics.database_errors_total.with_label_values(&["complete"]).inc();
-                let pause = database_backoff(failures).min(WRITE_BACK_RETRY_MAX);
-                // Loud at first, then once in a while: an outage must not flood the log.
-                if failures <= 3 || failures % 30 == 0 {
-                    tracing::warn!(%error, rows = batch.len(), failures, retry_in = ?pause, "cannot write results back; retrying until the database answers");
+                FailureKind::Data => {
+                    metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                    let delivery_id = batch.first().map(|record| record.delivery_id);
+                    tracing::error!(%error, ?delivery_id, "the database refuses this result; the row returns after its lease");
+                    return;
                 }
-                tokio::time::sleep(pause).await;
-            }
+                // One result the database will not take now (its row held by another session, say):
+                // tried a few times, then given up, since every result behind it waits meanwhile.
+                // The row comes back after its lease and is delivered again (at least once).
+                FailureKind::Refused => {
+                    failures += 1;
+                    metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                    let delivery_id = batch.first().map(|record| record.delivery_id);
+                    if failures >= REFUSED_TRIES {
+                        tracing::error!(%error, ?delivery_id, "giving up writing this result back; the row will be delivered again after its lease");
+                        return;
+                    }
+                    tracing::warn!(%error, ?delivery_id, failures, "the database refuses this result for now; retrying");
+                    tokio::time::sleep(database_backoff(failures).min(WRITE_BACK_RETRY_MAX)).await;
+                }
+                FailureKind::Unreachable => {
+                    failures += 1;
+                    failing_since.get_or_insert_with(Instant::now);
+                    writes_failing.store(true, Ordering::Release);
+                    metrics.database_errors_total.with_label_values(&["complete"]).inc();
+                    let pause = database_backoff(failures).min(WRITE_BACK_RETRY_MAX);
+                    // Loud at first, then once in a while: an outage must not flood the log.
+                    if failures <= 3 || failures % 30 == 0 {
+                        tracing::warn!(%error, rows = batch.len(), failures, retry_in = ?pause, "cannot write results back; retrying until the database answers");
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            },
         }
     }
 }
 
-/// Refused as data (bad value, constraint) rather than failed to reach the database.
-fn is_data_error(error: &DbError) -> bool {
-    match error {
-        DbError::Postgres(error) => {
-            error.code().is_some_and(|code| code.code().starts_with("22") || code.code().starts_with("23"))
-        }
-        _ => false,
+/// Why a write-back failed, as far as what to do next goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// The database cannot be reached or cannot write (down, restarting, failing over, a
+    /// read-only standby, out of connections, not answering): retried for as long as it lasts,
+    /// with claims and rescues paused.
+    Unreachable,
+    /// Refused as data (SQLSTATE classes 22 and 23): retrying cannot help.
+    Data,
+    /// Refused by a reachable database for a reason that may pass (a statement timeout behind a
+    /// lock, a deadlock, a permission): retried, but without holding the fleet's work back.
+    Refused,
+}
+
+fn failure_kind(error: &DbError) -> FailureKind {
+    let DbError::Postgres(error) = error else {
+        // Checkout, timed out, closed: nothing answered.
+        return FailureKind::Unreachable;
+    };
+    let Some(code) = error.code().map(|code| code.code()) else {
+        // No SQLSTATE: the connection failed, not the statement.
+        return FailureKind::Unreachable;
+    };
+    match code {
+        _ if code.starts_with("22") || code.starts_with("23") => FailureKind::Data,
+        // Connection exceptions; admin shutdown, crash shutdown, cannot connect now; too many
+        // connections; a read-only transaction (connected to a standby during a failover).
+        _ if code.starts_with("08") || code.starts_with("57P") => FailureKind::Unreachable,
+        "53300" | "25006" => FailureKind::Unreachable,
+        _ => FailureKind::Refused,
     }
 }
 
@@ -989,6 +1099,16 @@ where
     tracing::debug!(service = name, "stopped");
 }
 
+/// How the claim loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimLoopEnd {
+    /// Every claim it sent has answered: what it took is held by this worker.
+    Settled,
+    /// A claim did not answer within [`CLAIM_FINISH_LIMIT`] of the signal: it may still commit,
+    /// after the drain's release, and hold rows until their lease.
+    ClaimCutOff,
+}
+
 /// Targets by webhook id, as the cache hands them out.
 type Targets = HashMap<i64, Result<Arc<WebhookTarget>, String>>;
 
@@ -1038,9 +1158,8 @@ impl PerWebhook {
     fn forget(&mut self, webhook_id: i64, metrics: &Metrics) {
         self.targets.evict(webhook_id);
         self.last_used.remove(&webhook_id);
-        if self.series.remove(&webhook_id).is_some() {
-            metrics.remove_webhook(webhook_id);
-        }
+        self.series.remove(&webhook_id);
+        metrics.remove_webhook(webhook_id);
     }
 }
 
@@ -1171,16 +1290,22 @@ mod tests {
         // Dies (aborted here, as a panic would end it): the engine's stop fires.
         let stop = CancellationToken::new();
         let (_results, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(complete(completer(), receiver, stop.clone().drop_guard()));
+        let died = Died::new(stop.clone());
+        let flag = died.flag.clone();
+        let task = tokio::spawn(complete(completer(), receiver, died));
         task.abort();
         let _ = task.await;
         assert!(stop.is_cancelled(), "a dead completer must stop the engine");
+        assert!(flag.load(Ordering::Acquire), "and say that it died");
         // Ends because every sender is gone (the normal end of a drain): nothing fires.
         let stop = CancellationToken::new();
         let (results, receiver) = mpsc::unbounded_channel();
         drop(results);
-        complete(completer(), receiver, stop.clone().drop_guard()).await;
+        let died = Died::new(stop.clone());
+        let flag = died.flag.clone();
+        complete(completer(), receiver, died).await;
         assert!(!stop.is_cancelled());
+        assert!(!flag.load(Ordering::Acquire));
     }
 
     #[tokio::test]
