@@ -958,7 +958,7 @@ async fn write_back(
                     tracing::warn!(
                         lost = report.lost.len(),
                         delivery_ids = ?&report.lost[..report.lost.len().min(20)],
-                        "write-back matched no row for some attempts: their lease expired and another claim took them"
+                        "write-back matched no row for some attempts: lease lost (expired and taken by another claim, or the webhook was deleted)"
                     );
                 }
                 return;
