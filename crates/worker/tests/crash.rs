@@ -11,8 +11,9 @@
 //! `synchronous_commit = on`, as a real producer on a default server does: "committed" then means
 //! durable, and a crash may not lose a producer's row. The workers' own commits are asynchronous
 //! on any server (`db::worker_pool`); one lost in a crash can only cause a duplicate, never a loss.
-//! `fsync=off` does not weaken these tests: they crash processes, not the machine, and the OS
-//! keeps what PostgreSQL wrote (README, "What the crash tests prove").
+//! `fsync=off` changes nothing here: these tests crash processes, not the machine, and the OS
+//! keeps what PostgreSQL wrote. What that leaves unproven (a power loss) is in the README, "What
+//! the crash tests prove".
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
