@@ -1,0 +1,83 @@
+//! README promises about keys, run on the real `hookfleet-worker`: a webhook written under the old
+//! encryption key is delivered by a worker holding both ("Keys"), and a worker holding neither defers
+//! the webhook's rows by 30 s without spending a try ("Unusable webhooks").
+
+use std::path::Path;
+use std::time::Duration;
+
+use hookfleet_core::crypto::EncryptionKey;
+use hookfleet_core::webhooks::{NewWebhook, WebhookView};
+use hookfleet_test_support::{cluster, database, eventually, Receiver, TestDatabase, WorkerProcess};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn worker_binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hookfleet-worker"))
+}
+
+/// Written with the harness's key, which each test then treats as the old (or a lost) key.
+async fn webhook(db: &TestDatabase, url: String) -> WebhookView {
+    db.create_webhook(NewWebhook { url, enabled: true, ..NewWebhook::default() }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_under_the_previous_key_is_delivered_by_a_worker_holding_both_keys() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/rotated")).await;
+    let new_key = EncryptionKey::generate_base64();
+    let old_key = cluster().encryption_key().to_owned();
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "rotated",
+        &[("HOOKFLEET_ENCRYPTION_KEY", &new_key), ("HOOKFLEET_PREVIOUS_ENCRYPTION_KEYS", &old_key)],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"rotation"}"#).await;
+    let (_, retries, code, error) = db.wait_for_status(delivery_id, "delivered").await;
+    assert_eq!((retries, code, error), (0, Some(200), None));
+    assert_eq!(receiver.requests()[0].path, "/rotated", "the URL decrypted with the previous key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_webhook_the_worker_cannot_decrypt_are_deferred_30s_without_a_try() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/lost-key")).await;
+    let worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "keyless",
+        &[("HOOKFLEET_ENCRYPTION_KEY", &EncryptionKey::generate_base64())],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"lost"}"#).await;
+    let client = db.client().await;
+    let row = eventually(DEADLINE, "the undecryptable row deferred with a reason", || async {
+        let row = client
+            .query_one(
+                "SELECT delivery_status, retry_count, last_error, \
+                 extract(epoch FROM next_attempt_at - clock_timestamp())::float8 \
+                 FROM hookfleet.delivery_queue WHERE delivery_id = $1",
+                &[&delivery_id],
+            )
+            .await
+            .expect("row");
+        row.get::<_, Option<String>>(2).is_some().then_some(row)
+    })
+    .await;
+    let (status, retries, error, due_in): (String, i32, Option<String>, f64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(status, "pending", "deferred, not failed: {error:?}");
+    assert_eq!(retries, 0, "a deferral uses no retry");
+    // Due again about 30 s after the deferral; the lower bound leaves the poll above 15 s of lag on a loaded machine.
+    assert!((15.0..=30.5).contains(&due_in), "due again in {due_in:.1} s, expected about 30 s");
+    let error = error.expect("reason");
+    assert!(error.to_lowercase().contains("decrypt"), "the reason says the webhook cannot be decrypted: {error}");
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM hookfleet.delivery_attempts WHERE delivery_id = {delivery_id}")).await,
+        0,
+        "no attempt was written"
+    );
+    assert!(receiver.requests().is_empty(), "nothing was sent");
+    drop(worker);
+}
