@@ -1,13 +1,14 @@
-//! README promises about keys, run on the real `hookfleet-worker`: a webhook written under the old
+//! README promises about settings, run on the real `hookfleet-worker`: a webhook written under the old
 //! encryption key is delivered by a worker holding both ("Keys"), and a worker holding neither defers
-//! the webhook's rows by 30 s without spending a try ("Unusable webhooks").
+//! the webhook's rows by 30 s without spending a try ("Unusable webhooks"), and a webhook's
+//! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts").
 
 use std::path::Path;
 use std::time::Duration;
 
 use hookfleet_core::crypto::EncryptionKey;
 use hookfleet_core::webhooks::{NewWebhook, WebhookView};
-use hookfleet_test_support::{cluster, database, eventually, Receiver, TestDatabase, WorkerProcess};
+use hookfleet_test_support::{cluster, database, eventually, Receiver, Reply, TestDatabase, WorkerProcess};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -80,4 +81,43 @@ async fn rows_of_a_webhook_the_worker_cannot_decrypt_are_deferred_30s_without_a_
     );
     assert!(receiver.requests().is_empty(), "nothing was sent");
     drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_timeout_ms_below_http_timeout_ends_the_attempt() {
+    let db = database().await;
+    // The receiver answers long after the webhook's 500 ms but well within HTTP_TIMEOUT.
+    let receiver = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(15))).await;
+    let hook = db
+        .create_webhook(NewWebhook {
+            url: receiver.url("/slow"),
+            enabled: true,
+            timeout_ms: Some(500),
+            ..NewWebhook::default()
+        })
+        .await;
+    // A long lease, so that the attempt limit a fifth before the lease (8 s with the harness's 10 s) is not what ends it.
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "short-timeout",
+        &[("HTTP_TIMEOUT", "30s"), ("HOOKFLEET_LEASE", "120s")],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"slow"}"#).await;
+    let client = db.client().await;
+    let (error_class, duration_ms) = eventually(DEADLINE, "the first attempt written", || async {
+        client
+            .query_opt(
+                "SELECT error_class, duration_ms FROM hookfleet.delivery_attempts \
+                 WHERE delivery_id = $1 AND attempt_number = 1",
+                &[&delivery_id],
+            )
+            .await
+            .expect("attempt")
+            .map(|row| (row.get::<_, Option<String>>(0), row.get::<_, f64>(1)))
+    })
+    .await;
+    assert_eq!(error_class.as_deref(), Some("timeout"));
+    // Ended by the 500 ms, not by the receiver's 15 s or HTTP_TIMEOUT's 30 s; room for a loaded machine.
+    assert!((450.0..10_000.0).contains(&duration_ms), "attempt took {duration_ms} ms");
 }
