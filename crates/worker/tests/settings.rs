@@ -1,9 +1,11 @@
 //! README promises about settings, run on the real `hookfleet-worker`: a webhook written under the old
 //! encryption key is delivered by a worker holding both ("Keys"), and a worker holding neither defers
 //! the webhook's rows by 30 s without spending a try ("Unusable webhooks"), and a webhook's
-//! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts").
+//! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts"); `HOOKFLEET_DB_POOL_SIZE`
+//! caps the worker's pool sessions.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use hookfleet_core::crypto::EncryptionKey;
@@ -120,4 +122,37 @@ async fn a_webhook_timeout_ms_below_http_timeout_ends_the_attempt() {
     assert_eq!(error_class.as_deref(), Some("timeout"));
     // Ended by the 500 ms, not by the receiver's 15 s or HTTP_TIMEOUT's 30 s; room for a loaded machine.
     assert!((450.0..10_000.0).contains(&duration_ms), "attempt took {duration_ms} ms");
+}
+
+/// The most `hookfleet-worker` pool sessions seen on `db` while a worker with `pool_size` drains rows.
+async fn most_pool_sessions(pool_size: &str) -> i64 {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/pool")).await;
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "pool",
+        &[("HOOKFLEET_DB_POOL_SIZE", pool_size), ("BATCH_SIZE", "5"), ("HOOKFLEET_MAX_IN_FLIGHT", "64")],
+    );
+    db.insert_deliveries(hook.webhook_id, 400).await;
+    let client = db.client().await;
+    let sessions = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'hookfleet-worker'",
+        db.name
+    );
+    let most = AtomicI64::new(0);
+    eventually(DEADLINE, "400 rows delivered", || async {
+        most.fetch_max(client.query_one(&sessions, &[]).await.expect("sessions").get::<_, i64>(0), Ordering::Relaxed);
+        (db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await == 400)
+            .then_some(())
+    })
+    .await;
+    most.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookfleet_db_pool_size_bounds_the_worker_sessions() {
+    let most = most_pool_sessions("2").await;
+    assert!((1..=2).contains(&most), "{most} pool sessions with HOOKFLEET_DB_POOL_SIZE=2");
 }
