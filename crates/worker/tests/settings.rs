@@ -2,7 +2,7 @@
 //! encryption key is delivered by a worker holding both ("Keys"), and a worker holding neither defers
 //! the webhook's rows by 30 s without spending a try ("Unusable webhooks"), and a webhook's
 //! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts"); `HOOKFLEET_DB_POOL_SIZE`
-//! caps the worker's pool sessions.
+//! caps the worker's pool sessions and `HOOKFLEET_MAX_IN_FLIGHT` its concurrent attempts.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -155,4 +155,39 @@ async fn most_pool_sessions(pool_size: &str) -> i64 {
 async fn hookfleet_db_pool_size_bounds_the_worker_sessions() {
     let most = most_pool_sessions("2").await;
     assert!((1..=2).contains(&most), "{most} pool sessions with HOOKFLEET_DB_POOL_SIZE=2");
+}
+
+/// The most requests that arrived within less than `hold` of each other: each is held open for
+/// `hold`, so all of them were in flight at once.
+fn most_overlapping(arrivals: &mut [std::time::Instant], hold: Duration) -> usize {
+    arrivals.sort_unstable();
+    let window = hold.mul_f64(0.9);
+    (0..arrivals.len())
+        .map(|first| arrivals[first..].iter().take_while(|at| at.duration_since(arrivals[first]) < window).count())
+        .max()
+        .unwrap_or(0)
+}
+
+async fn most_concurrent_attempts(max_in_flight: &str) -> usize {
+    const HOLD: Duration = Duration::from_millis(400);
+    let db = database().await;
+    let receiver = Receiver::start(|_, _| Reply::status(200).after(HOLD)).await;
+    let hook = webhook(&db, receiver.url("/slots")).await;
+    // The per-webhook share (default half) is lifted to the whole cap, so only HOOKFLEET_MAX_IN_FLIGHT limits.
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "slots",
+        &[("HOOKFLEET_MAX_IN_FLIGHT", max_in_flight), ("HOOKFLEET_MAX_IN_FLIGHT_PER_WEBHOOK", max_in_flight)],
+    );
+    db.insert_deliveries(hook.webhook_id, 24).await;
+    let requests = receiver.wait_for(24, DEADLINE).await;
+    let mut arrivals: Vec<_> = requests.iter().map(|request| request.received_at).collect();
+    most_overlapping(&mut arrivals, HOLD)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookfleet_max_in_flight_bounds_one_workers_concurrent_attempts() {
+    let most = most_concurrent_attempts("4").await;
+    assert!((2..=4).contains(&most), "{most} attempts in flight at once with HOOKFLEET_MAX_IN_FLIGHT=4");
 }
