@@ -2,7 +2,8 @@
 //! encryption key is delivered by a worker holding both ("Keys"), and a worker holding neither defers
 //! the webhook's rows by 30 s without spending a try ("Unusable webhooks"), and a webhook's
 //! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts"); `HOOKFLEET_DB_POOL_SIZE`
-//! caps the worker's pool sessions and `HOOKFLEET_MAX_IN_FLIGHT` its concurrent attempts.
+//! caps the worker's pool sessions and `HOOKFLEET_MAX_IN_FLIGHT` its concurrent attempts;
+//! `LOG_FORMAT=json` logs one JSON object per line.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -190,4 +191,25 @@ async fn most_concurrent_attempts(max_in_flight: &str) -> usize {
 async fn hookfleet_max_in_flight_bounds_one_workers_concurrent_attempts() {
     let most = most_concurrent_attempts("4").await;
     assert!((2..=4).contains(&most), "{most} attempts in flight at once with HOOKFLEET_MAX_IN_FLIGHT=4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/json-logs")).await;
+    let mut worker = WorkerProcess::spawn(worker_binary(), &db, "json-logs", &[("LOG_FORMAT", "json")]);
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"log"}"#).await;
+    db.wait_for_status(delivery_id, "delivered").await;
+    // A clean shutdown adds the drain's lines, so start-up, work and exit are all checked.
+    worker.signal("TERM");
+    assert!(worker.wait(DEADLINE).await.success(), "worker exits 0:\n{}", worker.log());
+    let log = worker.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "the worker logged its start and its exit:\n{log}");
+    for line in lines {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(parsed.is_object(), "not a JSON object: {line}");
+    }
 }
