@@ -3,7 +3,8 @@
 //! the webhook's rows by 30 s without spending a try ("Unusable webhooks"), and a webhook's
 //! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts"); `HOOKFLEET_DB_POOL_SIZE`
 //! caps the worker's pool sessions and `HOOKFLEET_MAX_IN_FLIGHT` its concurrent attempts;
-//! `LOG_FORMAT=json` logs one JSON object per line.
+//! `LOG_FORMAT=json` logs one JSON object per line; a `HOOKFLEET_CONFIG` file is read, the
+//! environment overrides it, and a broken one stops start-up with exit 2 naming the file.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -212,4 +213,50 @@ async fn log_format_json_writes_one_json_object_per_line() {
             serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
         assert!(parsed.is_object(), "not a JSON object: {line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookfleet_config_file_is_read_and_the_environment_overrides_it() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, receiver.url("/config-file")).await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("hookfleet.toml");
+    // log_format is set only here; worker_id also comes from the environment, which must win.
+    std::fs::write(&path, "log_format = \"json\"\nworker_id = \"from-file\"\n").expect("config file");
+    let path = path.to_str().expect("UTF-8 path");
+    let mut worker = WorkerProcess::spawn(worker_binary(), &db, "from-env", &[("HOOKFLEET_CONFIG", path)]);
+    let delivery_id = db.insert_delivery(hook.webhook_id, r#"{"type":"config"}"#).await;
+    db.wait_for_status(delivery_id, "delivered").await;
+    let attempt_worker: String = db
+        .client()
+        .await
+        .query_one("SELECT worker_id FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("attempt")
+        .get(0);
+    assert_eq!(attempt_worker, "from-env", "WORKER_ID in the environment overrides the file");
+    worker.signal("TERM");
+    assert!(worker.wait(DEADLINE).await.success(), "worker exits 0:\n{}", worker.log());
+    let log = worker.log();
+    let first = log.lines().next().unwrap_or_else(|| panic!("no log lines"));
+    let parsed: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|error| panic!("{error}: {first}"));
+    assert!(parsed.is_object(), "log_format from the file applies: {first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_hookfleet_config_file_stops_start_up_with_exit_2_and_a_message_naming_it() {
+    let db = database().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, "log_format = [not toml\n").expect("config file");
+    let path = path.to_str().expect("UTF-8 path");
+    let mut worker = WorkerProcess::spawn(worker_binary(), &db, "bad-config", &[("HOOKFLEET_CONFIG", path)]);
+    let status = worker.wait(DEADLINE).await;
+    let log = worker.log();
+    assert_eq!(status.code(), Some(2), "a configuration error is a usage error:\n{log}");
+    assert!(
+        log.contains("HOOKFLEET_CONFIG") && log.contains(path),
+        "the message names the setting and the file:\n{log}"
+    );
 }
