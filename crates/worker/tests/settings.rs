@@ -4,7 +4,8 @@
 //! `timeout_ms` below `HTTP_TIMEOUT` is what ends its attempt ("Timeouts"); `HOOKFLEET_DB_POOL_SIZE`
 //! caps the worker's pool sessions and `HOOKFLEET_MAX_IN_FLIGHT` its concurrent attempts;
 //! `LOG_FORMAT=json` logs one JSON object per line; a `HOOKFLEET_CONFIG` file is read, the
-//! environment overrides it, and a broken one stops start-up with exit 2 naming the file.
+//! environment overrides it, and a broken one stops start-up with exit 2 naming the file; the prune
+//! service removes attempts and settled rows past `HOOKFLEET_ATTEMPT_RETENTION` / `_DELIVERY_RETENTION`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -258,5 +259,60 @@ async fn a_bad_hookfleet_config_file_stops_start_up_with_exit_2_and_a_message_na
     assert!(
         log.contains("HOOKFLEET_CONFIG") && log.contains(path),
         "the message names the setting and the file:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prune_service_removes_attempts_and_settled_rows_past_their_retention() {
+    let db = database().await;
+    let hook = webhook(&db, "http://127.0.0.1:9/prune".to_owned()).await;
+    let client = db.client().await;
+    // Two settled rows, each with one attempt: one two days old, one fresh.
+    for (message_id, age) in [("old", "2 days"), ("fresh", "1 minute")] {
+        // Inserted as producers do (pending), then settled in the past as a worker would have.
+        let delivery_id: i64 = client
+            .query_one(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_id, message_body) \
+                 VALUES ($1, $2, '{}') RETURNING delivery_id",
+                &[&hook.webhook_id, &message_id],
+            )
+            .await
+            .expect("insert")
+            .get(0);
+        client
+            .batch_execute(&format!(
+                "UPDATE hookfleet.delivery_queue SET delivery_status = 'delivered', \
+                     deliver_at = now() - interval '{age}', next_attempt_at = now() - interval '{age}', \
+                     created_at = now() - interval '{age}', delivered_at = now() - interval '{age}', \
+                     last_attempt_at = now() - interval '{age}' \
+                 WHERE delivery_id = {delivery_id}; \
+                 INSERT INTO hookfleet.delivery_attempts (delivery_id, webhook_id, attempt_number, worker_id, \
+                     started_at, duration_ms, status_code, outcome) \
+                 VALUES ({delivery_id}, {}, 1, 'earlier', now() - interval '{age}', 5, 200, 'delivered')",
+                hook.webhook_id
+            ))
+            .await
+            .expect("settle it in the past, with its attempt");
+    }
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "pruner",
+        &[("HOOKFLEET_ATTEMPT_RETENTION", "1d"), ("HOOKFLEET_DELIVERY_RETENTION", "1d")],
+    );
+    // The service's first run is at start-up; its next is a minute later, beyond this test.
+    eventually(DEADLINE, "the old row and its attempt pruned", || async {
+        let rows = db.count("SELECT count(*) FROM hookfleet.delivery_queue").await;
+        let attempts = db.count("SELECT count(*) FROM hookfleet.delivery_attempts").await;
+        (rows == 1 && attempts == 1).then_some(())
+    })
+    .await;
+    let kept: String =
+        client.query_one("SELECT message_id FROM hookfleet.delivery_queue", &[]).await.expect("the fresh row").get(0);
+    assert_eq!(kept, "fresh", "rows inside their retention stay");
+    assert_eq!(
+        db.count("SELECT count(*) FROM hookfleet.delivery_attempts WHERE started_at > now() - interval '1 day'").await,
+        1,
+        "the fresh attempt stays"
     );
 }
