@@ -213,10 +213,14 @@ async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
         _ => {}
     }
     let report = db::migrate(&mut client, config.max_body_bytes).await?;
-    if report.applied.is_empty() {
+    if report.applied.is_empty() && report.definitions.is_empty() {
         println!("schema is up to date");
-    } else {
+    }
+    if !report.applied.is_empty() {
         println!("applied {} migration(s): {}", report.applied.len(), report.applied.join(", "));
+    }
+    if !report.definitions.is_empty() {
+        println!("applied {} function and view file(s): {}", report.definitions.len(), report.definitions.join(", "));
     }
     Ok(())
 }

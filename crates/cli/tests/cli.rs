@@ -59,14 +59,14 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet' AND tablename <> 'refinery_schema_history'"
         )
         .await,
-        8
+        9
     );
     assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
 }
 
-/// The versions of the embedded migrations (`sql/V*.sql`), ascending.
+/// The versions of the embedded migrations (`sql/migrations/V*.sql`), ascending.
 fn migration_versions() -> Vec<i32> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql/migrations");
     let mut versions: Vec<i32> = std::fs::read_dir(dir)
         .expect("sql directory")
         .filter_map(|entry| {

@@ -1,5 +1,6 @@
 //! How hookfleet reaches PostgreSQL: one connection pool per process, and the embedded schema
-//! migrations (`sql/V*.sql`) that `hookfleet migrate`, the test harness and the demo all run.
+//! migrations (`sql/migrations/V*.sql`, then the function and view definitions of
+//! [`crate::definitions`]) that `hookfleet migrate`, the test harness and the demo all run.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-refinery::embed_migrations!("../../sql");
+refinery::embed_migrations!("../../sql/migrations");
 
 /// Any two `hookfleet migrate` runs (a CLI and the compose job, say) serialise on this lock.
 const MIGRATION_LOCK_KEY: i64 = 0x686f_6f6b_666c_6565; // "hookflee"
@@ -176,10 +177,13 @@ pub(crate) fn embedded_migrations() -> Vec<refinery::Migration> {
 pub struct MigrationReport {
     /// Names of the migrations this run applied (empty when the schema was already current).
     pub applied: Vec<String>,
+    /// The function and view files this run applied (`sql/functions`, `sql/views`), in order.
+    pub definitions: Vec<String>,
 }
 
 /// Applies the embedded migrations (each in its own transaction, recorded by refinery) under an
-/// advisory lock, then writes the limits the database enforces itself into `hookfleet.settings`.
+/// advisory lock, then the function and view definitions that changed (one transaction), then
+/// writes the limits the database enforces itself into `hookfleet.settings`.
 pub async fn migrate(client: &mut tokio_postgres::Client, max_body_bytes: u32) -> Result<MigrationReport, DbError> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     let result = apply_migrations(client, max_body_bytes).await;
@@ -199,6 +203,7 @@ async fn apply_migrations(
     adopt_unqualified_history(client, &runner).await?;
     let report = runner.run_async(client).await?;
     let applied = report.applied_migrations().iter().map(|migration| migration.to_string()).collect();
+    let definitions = crate::definitions::apply(client).await?;
     client
         .execute(
             "INSERT INTO hookfleet.settings (name, value) VALUES ('max_body_bytes', $1) \
@@ -207,7 +212,7 @@ async fn apply_migrations(
             &[&max_body_bytes.to_string()],
         )
         .await?;
-    Ok(MigrationReport { applied })
+    Ok(MigrationReport { applied, definitions })
 }
 
 /// Prepares [`HISTORY_TABLE`] before refinery runs, under the migration lock and in one

@@ -5,6 +5,7 @@
 //! - `config`      — which settings exist, their defaults, how they layer and validate.
 //! - `telemetry`   — how logs are formatted and filtered (`LOG_FORMAT`, `LOG_LEVEL`).
 //! - `db`          — how we connect (pool) and how the schema is migrated.
+//! - `definitions` — the one current definition of each SQL function and view, applied by migrate.
 //! - `schema`      — whether this binary may run against a database's schema (the start-up check).
 //! - `queue`       — the only code that reads or writes the queue tables: claim, complete, release, rescue.
 //! - `webhooks`    — creating, listing and loading webhooks (URL and secrets encrypted at rest).
@@ -20,6 +21,7 @@
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod definitions;
 pub mod delivery;
 pub mod demo;
 #[cfg(any(test, feature = "loopback-tls"))]

@@ -4,7 +4,7 @@
 //!
 //! Without it a worker started on a database nobody migrated logs a failed claim every 200 ms
 //! forever, and one started on a schema changed under it fails in ways that say nothing about
-//! versions. The check compares the migrations embedded in this binary (`sql/V*.sql`) with the
+//! versions. The check compares the migrations embedded in this binary (`sql/migrations/V*.sql`) with the
 //! ones the database records in `hookfleet.refinery_schema_history`:
 //!
 //! - no `hookfleet` schema or no history: never migrated, refused (run `hookfleet migrate`);
@@ -12,6 +12,8 @@
 //!   `hookfleet migrate` first);
 //! - a migration of the same number with another name or checksum, or an unknown one below our
 //!   newest: another hookfleet build migrated it, refused;
+//! - every migration, but the function and view definitions not applied at that level (a migrate
+//!   interrupted between its two steps): refused (run `hookfleet migrate` again);
 //! - migrations newer than ours: the rolling-upgrade case (migrate first, then roll the fleet).
 //!   Allowed, with a warning, as long as our newest migration is at least the
 //!   `oldest_compatible_migration` the database records in `hookfleet.settings`; refused below it.
@@ -77,6 +79,12 @@ pub enum SchemaError {
          (schema V{ours:04}) may run against it: run {binary} from the release that ran `hookfleet migrate`"
     )]
     UnknownCompatibility { binary: &'static str, database: String, ours: i32, database_level: i32, found: String },
+    #[error(
+        "the database {database} has every migration, but its functions and views were not applied at that \
+         schema level (a `hookfleet migrate` was interrupted between the two steps): run `hookfleet migrate` \
+         again, then start {binary}"
+    )]
+    DefinitionsPending { binary: &'static str, database: String },
     #[error("cannot connect to the database (check DATABASE_URL): {0}")]
     Connect(DbError),
     #[error(
@@ -231,6 +239,11 @@ pub async fn check(client: &tokio_postgres::Client, binary: &'static str) -> Res
     let ours = embedded();
     let level = ours.last().map_or(0, |migration| migration.version);
     let database_level = match compare(&recorded, &ours, binary, &database)? {
+        // Only at our own level: definitions a newer release has yet to finish applying are the
+        // older ones, which this binary works with.
+        Standing::Current if crate::definitions::pending(client).await? => {
+            return Err(SchemaError::DefinitionsPending { binary, database })
+        }
         Standing::Current => return Ok(Compatibility::Current { level }),
         Standing::Ahead { database_level } => database_level,
     };
@@ -337,7 +350,7 @@ mod tests {
 
     #[test]
     fn the_embedded_migrations_are_this_trees_sql_files() {
-        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql"))
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../sql/migrations"))
             .expect("sql directory")
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
             .filter(|name| name.starts_with('V') && name.ends_with(".sql"))

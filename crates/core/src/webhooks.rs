@@ -17,7 +17,7 @@ const LOAD_WEBHOOKS: &str = include_str!("../../../sql/queries/load_webhooks.sql
 const MAX_EVENT_TYPES: usize = 100;
 
 /// Longest webhook name, in characters: the `webhooks_name_length` check in
-/// `sql/V0001__schema.sql`, which a default name must meet as well as a given one.
+/// `sql/migrations/V0001__schema.sql`, which a default name must meet as well as a given one.
 pub const MAX_NAME_CHARS: usize = 200;
 
 #[derive(Debug, thiserror::Error)]

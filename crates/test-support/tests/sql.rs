@@ -1,7 +1,7 @@
 //! SQL-level tests of the queue in PostgreSQL: the schema's producer checks and defaults
-//! (`sql/V0001__schema.sql`, `V0002__functions.sql`), the claim, the batched write-back and the
+//! (`sql/migrations/V0001__schema.sql`, `sql/functions/`), the claim, the batched write-back and the
 //! other queries in `sql/queries/`, health and the circuit breaker, replay, cancel, fan-out, the
-//! dashboard views (`V0003__views.sql`), migrations and wake-up notifications.
+//! dashboard views (`sql/views/`), migrations and wake-up notifications.
 //!
 //! Every test gets a fresh database cloned from the migrated template. Nothing here talks to a
 //! receiver: webhooks point at a loopback URL that is never contacted.
@@ -2344,10 +2344,14 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V10__review_fixes",
                 "V11__schema_compatibility",
                 "V12__webhook_versions_never_repeat",
+                "V13__definition_history",
             ]
         );
+        let mut every_file = vec!["retired.sql".to_owned()];
+        every_file.extend(hookfleet_core::definitions::DEFINITIONS.iter().map(|d| d.file.to_owned()));
+        assert_eq!(first.definitions, every_file);
         let second = hookfleet_core::db::migrate(&mut client, 262_144).await.expect("second migrate");
-        assert!(second.applied.is_empty(), "{second:?}");
+        assert!(second.applied.is_empty() && second.definitions.is_empty(), "{second:?}");
         // The template-cloned test database is current too.
         let mut cloned = db.client().await;
         assert!(hookfleet_core::db::migrate(&mut cloned, 262_144).await.expect("migrate clone").applied.is_empty());
@@ -2378,7 +2382,10 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
     let mut applied = Vec::new();
     for task in tasks {
         let (_client, report) = task.await.expect("migrate task");
-        applied.push(report.expect("every concurrent migrate succeeds").applied);
+        let report = report.expect("every concurrent migrate succeeds");
+        // Whoever applied the migrations applied the definitions, under the same lock.
+        assert_eq!(report.applied.is_empty(), report.definitions.is_empty(), "{report:?}");
+        applied.push(report.applied);
     }
     applied.sort();
     assert_eq!(
@@ -2399,6 +2406,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V10__review_fixes".to_owned(),
                 "V11__schema_compatibility".to_owned(),
                 "V12__webhook_versions_never_repeat".to_owned(),
+                "V13__definition_history".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2412,7 +2420,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings ORDER BY name", &[])
             .await

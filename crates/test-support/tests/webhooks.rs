@@ -1,5 +1,5 @@
 //! Creating webhooks against the real schema: whatever `WebhookStore::create` admits must fit
-//! the table's constraints (`sql/V0001__schema.sql`) and still pass the URL check at send time.
+//! the table's constraints (`sql/migrations/V0001__schema.sql`) and still pass the URL check at send time.
 //!
 //! Nothing here talks to a receiver: the URLs are never contacted.
 

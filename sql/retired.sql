@@ -1,0 +1,4 @@
+-- Functions and views hookfleet no longer has, dropped by `hookfleet migrate` before it applies
+-- the current definitions (see sql/README.md). One `DROP FUNCTION IF EXISTS hookfleet.name(args);`
+-- or `DROP VIEW IF EXISTS hookfleet.name;` per retired object, kept here for good: a database may
+-- be upgraded from any older release. Nothing has been retired yet.
