@@ -32,8 +32,9 @@ fn busiest_window(arrivals: &[Instant], width: Duration) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_hold_a_webhook_to_its_fleet_wide_rate_and_deliver_every_row() {
-    const RATE: f64 = 20.0;
-    const ROWS: usize = 400;
+    // Just over 10 s of rows at the rate: the shortest run in which the 10 s window binds.
+    const RATE: f64 = 40.0;
+    const ROWS: usize = 480;
     let db = database().await;
     let receiver = Receiver::ok().await;
     let hook =
@@ -68,9 +69,10 @@ async fn three_workers_hold_a_webhook_to_its_fleet_wide_rate_and_deliver_every_r
          {busiest}, busiest 1 s window {busiest_second}, attempts by worker {by_worker:?}"
     );
     // The contract: never more than the rate + 10 % over any 10 s window. The default burst (half
-    // the rate) leaves room for arrival jitter.
-    assert!(busiest <= 220, "{busiest} requests inside 10 s at a 20/s limit");
-    assert!(observed >= RATE * 0.85, "the fleet used only {observed:.2}/s of a 20/s limit");
+    // the rate) leaves room for arrival jitter. The lower bound only shows that the limit, not the
+    // fleet, set the pace; it has room for a loaded machine.
+    assert!(busiest as f64 <= RATE * 10.0 * 1.1, "{busiest} requests inside 10 s at a {RATE}/s limit");
+    assert!(observed >= RATE * 0.7, "the fleet used only {observed:.2}/s of a {RATE}/s limit");
     assert_eq!(requests.len(), ROWS, "every row once");
     eventually(Duration::from_secs(10), "every row to be delivered", || async {
         (db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await as usize
@@ -88,19 +90,29 @@ async fn three_workers_hold_a_webhook_to_its_fleet_wide_rate_and_deliver_every_r
     );
 }
 
+/// The whole breaker cycle with room for concurrency: three workers, `max_in_flight` 4, so
+/// anything but the breaker's own rule would let several probes out at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_after_the_threshold_probes_once_reopens_and_closes_without_spending_retries() {
-    const ROWS: i64 = 10;
+    const ROWS: i64 = 12;
+    const HOLD: Duration = Duration::from_millis(1000);
     let db = database().await;
     let healthy = Arc::new(AtomicBool::new(false));
+    // Failing: 503 at once. Healthy: 200, each answer held HOLD.
     let receiver = {
         let healthy = healthy.clone();
-        Receiver::start(move |_, _| Reply::status(if healthy.load(Ordering::SeqCst) { 200 } else { 503 })).await
+        Receiver::start(move |_, _| {
+            if healthy.load(Ordering::SeqCst) {
+                Reply::status(200).after(HOLD)
+            } else {
+                Reply::status(503)
+            }
+        })
+        .await
     };
-    // One attempt at a time fleet-wide, so that exactly the threshold of failures opens it.
     let hook = webhook(
         &db,
-        NewWebhook { url: receiver.url("/flaky"), max_in_flight: Some(1), max_retries: Some(20), ..Default::default() },
+        NewWebhook { url: receiver.url("/flaky"), max_in_flight: Some(4), max_retries: Some(20), ..Default::default() },
     )
     .await;
     db.insert_deliveries(hook.webhook_id, ROWS).await;
@@ -117,44 +129,73 @@ async fn the_breaker_opens_after_the_threshold_probes_once_reopens_and_closes_wi
             .expect("health")
             .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
     };
+    let settled_attempts = || async {
+        db.count(&format!(
+            "SELECT count(*) FROM hookfleet.delivery_attempts a WHERE a.delivery_id IN \
+             (SELECT delivery_id FROM hookfleet.delivery_queue WHERE webhook_id = {})",
+            hook.webhook_id
+        ))
+        .await as usize
+    };
 
-    // Three failures open it.
-    eventually(Duration::from_secs(30), "the circuit to open", || async {
-        (circuit().await == Some(("open".to_owned(), "unavailable".to_owned()))).then_some(())
+    // The threshold of failures opens it; attempts already out when it opened still land, and
+    // then nothing more is sent.
+    eventually(Duration::from_secs(30), "the circuit to open with nothing in flight", || async {
+        let open = circuit().await == Some(("open".to_owned(), "unavailable".to_owned()));
+        let quiet =
+            db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight'").await == 0;
+        (open && quiet && settled_attempts().await == receiver.requests().len()).then_some(())
     })
     .await;
-    assert_eq!(receiver.requests().len(), 3, "the threshold of failures, then nothing");
+    let failures = receiver.requests().len();
+    assert!(
+        (3..=3 + 4).contains(&failures),
+        "{failures} failures before the circuit opened (threshold 3, 4 in flight)"
+    );
+    let opened_at = receiver.requests()[failures - 1].received_at;
     let degraded = db
         .count(&format!("SELECT count(*) FROM hookfleet.v_degraded_webhooks WHERE webhook_id = {}", hook.webhook_id))
         .await;
     assert_eq!(degraded, 1);
+
     // After the open period: one probe, which fails and re-opens the circuit.
-    let requests = receiver.wait_for(4, Duration::from_secs(30)).await;
-    let probe = requests[3].received_at;
+    let requests = receiver.wait_for(failures + 1, Duration::from_secs(30)).await;
+    let probe = requests[failures].received_at;
     assert!(
-        probe.duration_since(requests[2].received_at) >= Duration::from_millis(1500),
+        probe.duration_since(opened_at) >= Duration::from_millis(1500),
         "the probe came {:?} after the circuit opened",
-        probe.duration_since(requests[2].received_at)
+        probe.duration_since(opened_at)
     );
     eventually(Duration::from_secs(10), "the failed probe to re-open the circuit", || async {
-        (circuit().await.is_some_and(|(state, _)| state == "open")
-            && db.count("SELECT count(*) FROM hookfleet.delivery_attempts").await == 4)
+        (circuit().await.is_some_and(|(state, _)| state == "open") && settled_attempts().await == failures + 1)
             .then_some(())
     })
     .await;
+    assert_eq!(receiver.requests().len(), failures + 1, "one probe, fleet-wide");
 
-    // The receiver recovers: the next probe closes the circuit and everything is delivered.
+    // The receiver recovers: the next probe is answered after HOLD, and nothing else goes out
+    // until its success has closed the circuit, though the webhook's max_in_flight and three
+    // workers' claims would allow four at once.
     healthy.store(true, Ordering::SeqCst);
-    let requests = receiver.wait_for(ROWS as usize + 4, Duration::from_secs(30)).await;
-    let second_probe = requests[4].received_at;
+    let requests = receiver.wait_for(ROWS as usize + failures + 1, Duration::from_secs(60)).await;
+    let second_probe = requests[failures + 1].received_at;
     assert!(
         second_probe.duration_since(probe) >= Duration::from_millis(1500),
         "the second probe came {:?} after the first",
         second_probe.duration_since(probe)
     );
+    let next = requests[failures + 2].received_at;
     assert!(
-        requests[5].received_at > second_probe,
-        "nothing else was sent while the probe was out (one probe across three workers)"
+        next.duration_since(second_probe) >= HOLD,
+        "a second request went out {:?} after the probe, before the probe's answer (held {HOLD:?})",
+        next.duration_since(second_probe)
+    );
+    let after_close: Vec<Instant> = requests[failures + 2..].iter().map(|request| request.received_at).collect();
+    let concurrent = busiest_window(&after_close, HOLD);
+    assert!(
+        (2..=4).contains(&concurrent),
+        "{concurrent} requests at once after the circuit closed (max_in_flight 4): the probe's solitude must be the \
+         breaker's doing, not a limit on concurrency"
     );
     eventually(Duration::from_secs(30), "every row to be delivered", || async {
         (db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await == ROWS)
@@ -173,13 +214,18 @@ async fn the_breaker_opens_after_the_threshold_probes_once_reopens_and_closes_wi
         })
         .await;
     }
-    // Retries were spent by the four failed attempts only, never by the waiting while open.
-    assert_eq!(db.count("SELECT COALESCE(sum(retry_count), 0) FROM hookfleet.delivery_queue").await, 4);
-    assert_eq!(receiver.requests().len(), ROWS as usize + 4);
+    // Retries were spent by the failed attempts only, never by the waiting while open.
+    assert_eq!(
+        db.count("SELECT COALESCE(sum(retry_count), 0) FROM hookfleet.delivery_queue").await as usize,
+        failures + 1
+    );
+    assert_eq!(receiver.requests().len(), ROWS as usize + failures + 1);
     eprintln!(
-        "breaker: opened after 3 failures; probes {:?} and {:?} after opening; all {ROWS} delivered",
-        probe.duration_since(requests[2].received_at),
-        second_probe.duration_since(requests[2].received_at)
+        "breaker: opened after {failures} failures; probes {:?} and {:?} after opening; the next request {:?} after \
+         the second probe; then {concurrent} at once; all {ROWS} delivered",
+        probe.duration_since(opened_at),
+        second_probe.duration_since(opened_at),
+        next.duration_since(second_probe)
     );
 }
 
@@ -240,8 +286,16 @@ async fn hanging_rate_limited_and_open_webhooks_never_delay_a_healthy_one() {
     })
     .await;
 
+    // The hanging webhook's attempts in flight, per worker, sampled while the healthy one flows.
+    let hanging_per_worker = format!(
+        "SELECT COALESCE(max(n), 0) FROM (SELECT count(*) AS n FROM hookfleet.delivery_queue \
+         WHERE webhook_id = {} AND delivery_status = 'in_flight' GROUP BY locked_by) per_worker",
+        slow.webhook_id
+    );
+    let mut most_hanging = 0;
     let mut latencies = Vec::new();
     for n in 0..20 {
+        most_hanging = most_hanging.max(db.count(&hanging_per_worker).await);
         let before = healthy.requests().iter().filter(|request| request.path == "/good").count();
         let inserted = Instant::now();
         db.insert_delivery(good.webhook_id, &format!("{{\"n\":{n}}}")).await;
@@ -258,15 +312,18 @@ async fn hanging_rate_limited_and_open_webhooks_never_delay_a_healthy_one() {
     }
     latencies.sort();
     let limited_sent = healthy.requests().iter().filter(|request| request.path == "/limited").count();
+    let (median, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
     eprintln!(
-        "healthy webhook next to a hanging one ({} requests held), a 1/s one ({limited_sent} sent) and an open \
-         circuit ({} failures): p50 {:?}, max {:?}",
+        "healthy webhook next to a hanging one ({} requests held, at most {most_hanging} per worker at once), a 1/s \
+         one ({limited_sent} sent) and an open circuit ({} failures): p50 {median:?}, max {max:?}",
         hanging.requests().len(),
         failing.requests().len(),
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() - 1]
     );
-    assert!(latencies[latencies.len() - 1] < Duration::from_millis(500), "latencies {latencies:?}");
+    // Waiting behind any of them would cost seconds (the hanging webhook's 5 s timeout, the 1/s
+    // limit, the open period); a median in milliseconds and a max well under the timeout say
+    // that nothing waited, with room for a loaded machine.
+    assert!(median < Duration::from_millis(500), "latencies {latencies:?}");
+    assert!(max < Duration::from_secs(3), "latencies {latencies:?}");
     // The hanging webhook holds no more than its share of each worker's slots (half of 64).
-    assert!(hanging.requests().len() <= 64, "{} hanging requests", hanging.requests().len());
+    assert!((1..=32).contains(&most_hanging), "{most_hanging} hanging attempts in flight on one worker");
 }

@@ -114,8 +114,8 @@ const OK_EMPTY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: cl
 
 /// A raw-TCP loopback server whose behaviour is chosen by the request path:
 ///
-/// - `/slow`: a valid 200 after 3 s;
-/// - `/slow-ok`: a valid 200 after 800 ms (slow, but successful);
+/// - `/slow`: a valid 200 after 10 s;
+/// - `/slow-ok`: a valid 200 after 2.5 s (slow, but successful);
 /// - `/stall`: the head of a 200 with `Content-Length: 100`, 10 bytes of body, then nothing;
 /// - `/silent`: reads the request and never writes;
 /// - `/huge`: a 200 with a 10 MiB body;
@@ -227,11 +227,11 @@ async fn serve_hostile(mut stream: TcpStream, seen: Arc<Mutex<HashMap<String, us
     *seen.lock().expect("seen lock").entry(path.clone()).or_default() += 1;
     match path.as_str() {
         "/slow" => {
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
             let _ = stream.write_all(OK_EMPTY).await;
         }
         "/slow-ok" => {
-            tokio::time::sleep(Duration::from_millis(800)).await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
             let _ = stream.write_all(OK_EMPTY).await;
         }
         "/stall" => {
@@ -339,8 +339,9 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
     let hostile = HostileServer::start().await;
     let healthy = Receiver::ok().await;
     let healthy_hook = webhook(&db, healthy.url("/healthy")).await;
-    // An attempt bounded by HTTP_TIMEOUT=1s takes at least 1 s; the slack allows a loaded machine.
-    let timed_out = 950.0..=2500.0;
+    // An attempt bounded by HTTP_TIMEOUT=3s takes at least 3 s; the slack allows a loaded machine.
+    // The 3 s are the window in which the healthy webhook must get through.
+    let timed_out = 2950.0..=5000.0;
     let quick = 0.0..=2500.0;
     let cases = [
         Case {
@@ -438,7 +439,7 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
         hooks.insert(case.path, webhook(&db, hostile.url(case.path)).await.webhook_id);
     }
     let worker =
-        WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "1s"), ("HOOKFLEET_MAX_RETRIES", "0")]);
+        WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "3s"), ("HOOKFLEET_MAX_RETRIES", "0")]);
     let client = db.client().await;
     eventually(DEADLINE, "the worker to register", || async {
         (db.count("SELECT count(*) FROM hookfleet.workers WHERE worker_id = 'w1'").await == 1).then_some(())
@@ -486,9 +487,12 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
          (/slow still in flight then: {slow_still_in_flight}); hostile rows inserted {:?} before",
         held_since.duration_since(hostile_started)
     );
-    for latency in &latencies {
-        assert!(*latency < Duration::from_secs(1), "a healthy delivery waited {latency:?} behind hostile receivers");
-    }
+    // Causal rather than timed: all five went through while /slow still held its attempt, so none
+    // waited for a hostile receiver to let go.
+    assert!(
+        slow_still_in_flight,
+        "the healthy deliveries took {all_arrived:?}, longer than /slow held its attempt: {latencies:?}"
+    );
     for id in &healthy_ids {
         assert_eq!(settled(&client, *id).await.status, "delivered");
     }
@@ -553,32 +557,48 @@ async fn hostile_receivers_settle_every_row_and_a_healthy_webhook_keeps_flowing(
 }
 
 /// Spec §3.8: a slow webhook never delays deliveries to other webhooks. Here one webhook answers
-/// every request successfully but slowly (800 ms, inside HTTP_TIMEOUT, so its circuit never opens)
+/// every request successfully but slowly (2.5 s, inside HTTP_TIMEOUT, so its circuit never opens)
 /// and has more due rows than the worker has attempt slots (`HOOKFLEET_MAX_IN_FLIGHT`, default 64).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_webhook_with_a_backlog_does_not_delay_a_healthy_webhook() {
     const BACKLOG: i64 = 192;
+    const HEALTHY: usize = 5;
     let db = database().await;
     let hostile = HostileServer::start().await;
     let healthy = Receiver::ok().await;
     let slow = webhook(&db, hostile.url("/slow-ok")).await;
     let healthy_hook = webhook(&db, healthy.url("/healthy")).await;
-    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "2s")]);
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HTTP_TIMEOUT", "4s")]);
     let client = db.client().await;
     db.insert_deliveries(slow.webhook_id, BACKLOG).await;
     eventually(DEADLINE, "the first slow requests", || async { (hostile.seen("/slow-ok") > 0).then_some(()) }).await;
-    let inserted = Instant::now();
-    let healthy_id = db.insert_delivery(healthy_hook.webhook_id, "{}").await;
-    let requests = healthy.wait_for(1, DEADLINE).await;
-    let latency = requests[0].received_at.saturating_duration_since(inserted);
-    let slow_done =
-        db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await - 1;
+    let mut latencies = Vec::new();
+    for n in 0..HEALTHY {
+        let inserted = Instant::now();
+        let healthy_id = db.insert_delivery(healthy_hook.webhook_id, "{}").await;
+        let requests = healthy.wait_for(n + 1, DEADLINE).await;
+        latencies.push(requests[n].received_at.saturating_duration_since(inserted));
+        assert_eq!(settled(&client, healthy_id).await.status, "delivered");
+    }
+    let slow_done = db
+        .count(&format!(
+            "SELECT count(*) FROM hookfleet.delivery_queue WHERE webhook_id = {} AND delivery_status = 'delivered'",
+            slow.webhook_id
+        ))
+        .await;
+    latencies.sort();
+    let median = latencies[HEALTHY / 2];
     eprintln!(
-        "healthy latency behind a slow webhook's backlog of {BACKLOG}: {latency:?} \
+        "healthy latency behind a slow webhook's backlog of {BACKLOG}: {latencies:?} \
          ({slow_done} of the backlog delivered by then)"
     );
-    assert_eq!(settled(&client, healthy_id).await.status, "delivered");
-    assert!(latency < Duration::from_millis(500), "a healthy delivery waited {latency:?} behind a slow webhook");
+    // A healthy row that had to wait for one of the slow webhook's slots would wait 1.25 s on
+    // average (answers take 2.5 s); the backlog itself takes 15 s to drain.
+    assert!(median < Duration::from_millis(500), "healthy deliveries waited {latencies:?} behind a slow webhook");
+    assert!(
+        slow_done < BACKLOG / 2,
+        "the backlog was mostly drained ({slow_done} of {BACKLOG}) before the healthy rows"
+    );
 }
 
 /// A webhook's own `timeout_ms` longer than the lease is capped at four fifths of the lease, so a

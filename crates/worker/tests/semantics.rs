@@ -67,28 +67,51 @@ async fn listener_pid(db: &TestDatabase) -> i32 {
     .await
 }
 
+/// How many claims the worker has finished (`webhook_claim_duration_seconds` observes each one,
+/// empty or not).
+async fn claims(worker: &WorkerProcess) -> Option<f64> {
+    let (_, body) = worker.get("/metrics").await?;
+    hookfleet_test_support::metric_value(&body, "webhook_claim_duration_seconds_count")
+}
+
+/// Waits until the worker has finished more than `after` claims and then claims no more: it is
+/// asleep, and only a wake-up (or its 60 s poll) can make it claim again.
+async fn asleep_after(worker: &WorkerProcess, after: f64) -> f64 {
+    let until = Instant::now() + DEADLINE;
+    let mut previous = None;
+    loop {
+        let now = claims(worker).await;
+        if let Some(now) = now.filter(|now| *now > after && previous == Some(*now)) {
+            return now;
+        }
+        assert!(Instant::now() < until, "the worker never fell asleep after claim {after} (now {now:?})");
+        previous = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_wakes_an_idle_worker_long_before_the_poll_interval_and_after_a_reconnect() {
     let db = database().await;
     let receiver = Receiver::ok().await;
     let hook = webhook(&db, receiver.url("/"), &[]).await;
-    // With a 60 s poll, only a notification can explain a delivery within seconds.
+    // With a 60 s poll, only a notification can explain a delivery within seconds, once the
+    // worker has made its empty claims (at start and when the listener connects) and sleeps.
     let worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("POLL_INTERVAL", "60s")]);
     let first_listener = listener_pid(&db).await;
-    // Let the worker's first claim find nothing so that it is asleep on its 60 s poll.
-    eventually(DEADLINE, "the worker to register", || async {
-        (db.count("SELECT count(*) FROM hookfleet.workers").await == 1).then_some(())
-    })
-    .await;
+    asleep_after(&worker, 0.0).await;
 
     let client = db.client().await;
     let mut latencies = Vec::new();
     for round in 0..2 {
         if round == 1 {
-            // Kill the listener's session: the worker must reconnect and keep waking up.
+            // Kill the listener's session: the worker must reconnect and keep waking up. The
+            // reconnect itself makes one (empty) claim, for rows that came while nobody listened.
+            let before = asleep_after(&worker, 0.0).await;
             client.execute("SELECT pg_terminate_backend($1)", &[&first_listener]).await.expect("terminate listener");
             let second = listener_pid(&db).await;
             assert_ne!(second, first_listener);
+            asleep_after(&worker, before).await;
         }
         let sent = Instant::now();
         client
@@ -98,11 +121,12 @@ async fn an_insert_wakes_an_idle_worker_long_before_the_poll_interval_and_after_
             )
             .await
             .expect("insert");
-        receiver.wait_for(round + 1, Duration::from_secs(10)).await;
+        receiver.wait_for(round + 1, Duration::from_secs(30)).await;
         latencies.push(sent.elapsed());
     }
     eprintln!("insert → arrival with a 60 s poll interval: {latencies:?}");
-    assert!(latencies.iter().all(|latency| *latency < Duration::from_secs(5)), "{latencies:?}");
+    // Generous for a loaded machine, and still far below the 60 s poll.
+    assert!(latencies.iter().all(|latency| *latency < Duration::from_secs(15)), "{latencies:?}");
     assert!(worker.log().contains("wake-up listener disconnected"), "the reconnect is logged:\n{}", worker.log());
 }
 
@@ -171,18 +195,19 @@ async fn keyed_rows_go_one_at_a_time_in_order_across_three_workers_and_retries()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_head_of_key_holds_its_key_but_not_others_or_unkeyed_rows() {
     let db = database().await;
-    // The head of key "stuck" fails (retryable, Retry-After 2 s) once; everything else succeeds.
+    // The head of key "stuck" fails (retryable, Retry-After 4 s) once; everything else succeeds.
     let failed = std::sync::atomic::AtomicBool::new(false);
     let receiver = Receiver::start(move |request, _| {
         if request.header("webhook-id") == Some("stuck-1") && !failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            Reply::status(503).with_header("retry-after", "2")
+            Reply::status(503).with_header("retry-after", "4")
         } else {
             Reply::status(200)
         }
     })
     .await;
     let hook = webhook(&db, receiver.url("/"), &[]).await;
-    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[]);
+    // The harness caps retry delays at 2 s; the whole Retry-After is the window this test needs.
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HOOKFLEET_RETRY_MAX", "5s")]);
     let client = db.client().await;
     client
         .execute(
@@ -218,7 +243,14 @@ async fn a_failing_head_of_key_holds_its_key_but_not_others_or_unkeyed_rows() {
     let ids: Vec<String> =
         receiver.requests().iter().filter_map(|r| r.header("webhook-id").map(str::to_owned)).collect();
     assert!(!ids.contains(&"stuck-2".to_owned()), "stuck-2 overtook its failing predecessor: {ids:?}");
-    assert!(unblocked_after < Duration::from_secs(2), "unkeyed rows waited {unblocked_after:?} behind a stuck key");
+    // Causal, not timed: had the other rows waited behind the stuck key, they would have come
+    // after its head's retry.
+    eprintln!("other keys and unkeyed rows all arrived {unblocked_after:?} after the insert");
+    assert_eq!(
+        ids.iter().filter(|id| *id == "stuck-1").count(),
+        1,
+        "other keys and unkeyed rows waited for the stuck head's retry: {ids:?}"
+    );
     // The stuck key resumes in order once its head succeeds.
     wait_until_all(&db, "delivered", 23).await;
     let ids: Vec<String> =
