@@ -28,6 +28,8 @@ use ipnet::IpNet;
 use rustls::pki_types::CertificateDer;
 use secrecy::SecretString;
 
+use crate::telemetry::{self, LogFormat};
+
 /// One row of the settings table: the README's configuration table and `--help` come from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SettingDoc {
@@ -329,15 +331,6 @@ static SETTINGS: [SettingDoc; 36] = [
     CA_CERTIFICATES,
 ];
 
-/// How log lines are written (`LOG_FORMAT`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line, event fields flattened, for log shippers.
-    Json,
-    /// Human-readable lines, for terminals.
-    Pretty,
-}
-
 /// The whole configuration of a hookfleet process. See [`Config::settings`] for what each
 /// field means; secrets are `SecretString`s so `Debug` output redacts them.
 #[derive(Clone, Debug)]
@@ -524,8 +517,8 @@ impl Config {
                 .value(&BREAKER_THRESHOLD, |text| whole_number(text, 1, u64::from(u32::MAX)))?,
             circuit_breaker_timeout: reader
                 .value(&BREAKER_TIMEOUT, |text| duration_within(text, Minimum::AboveZero, None))?,
-            log_level: reader.value(&LOG_LEVEL, crate::telemetry::check_directives)?,
-            log_format: reader.value(&LOG_FORMAT, log_format)?,
+            log_level: reader.value(&LOG_LEVEL, telemetry::check_directives)?,
+            log_format: reader.value(&LOG_FORMAT, telemetry::parse_format)?,
             metrics_addr: reader.value(&METRICS_ADDR, socket_address)?,
             worker_id: match reader.optional(&WORKER_ID, worker_id)? {
                 Some(worker_id) => worker_id,
@@ -824,14 +817,6 @@ fn boolean(text: &str) -> Result<bool, String> {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
         _ => Err(format!("{text:?} is not a boolean; use true or false (or 1/0, yes/no)")),
-    }
-}
-
-fn log_format(text: &str) -> Result<LogFormat, String> {
-    match text.to_ascii_lowercase().as_str() {
-        "json" => Ok(LogFormat::Json),
-        "pretty" => Ok(LogFormat::Pretty),
-        _ => Err(format!("{text:?} is not a log format; use json or pretty")),
     }
 }
 

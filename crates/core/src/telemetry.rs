@@ -1,6 +1,9 @@
 //! How logs are formatted and filtered (`LOG_FORMAT`, `LOG_LEVEL`, `RUST_LOG`).
 //!
-//! Every binary calls [`init`] once, right after loading its [`Config`](crate::config::Config).
+//! Every binary calls [`init`] once, right after loading its configuration. This module owns
+//! what the log settings mean; `config` calls `check_directives` and `parse_format` to
+//! validate them, and nothing here depends on `config`.
+//!
 //! Logs always go to stderr: stdout belongs to command output (the CLI prints JSON there, and
 //! a log line in the middle would corrupt it).
 //!
@@ -18,7 +21,23 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, event fields flattened, for log shippers.
+    Json,
+    /// Human-readable lines, for terminals.
+    Pretty,
+}
+
+/// Reads `LOG_FORMAT` (for `config`, which owns the settings table but not what logs mean).
+pub(crate) fn parse_format(text: &str) -> Result<LogFormat, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "json" => Ok(LogFormat::Json),
+        "pretty" => Ok(LogFormat::Pretty),
+        _ => Err(format!("{text:?} is not a log format; use json or pretty")),
+    }
+}
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
