@@ -82,7 +82,12 @@ RETURNS TABLE (
     probe           boolean,
     held_back       text
 )
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- Every statement here reads the queue in index order or by key. A bitmap scan returns rows
+-- unordered; with statistics taken on an empty queue the planner chose one for the window, and
+-- sorted every due row to read a few hundred (crates/test-support/tests/plans.rs).
+SET enable_bitmapscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     now_at     timestamptz := now();
@@ -144,7 +149,9 @@ BEGIN
             WITH pending_hooks(webhook_id, level, window_rows) AS (
                 SELECT h.webhook_id, max(h.priority), sum(count(*)) OVER ()
                 FROM (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
-                      WHERE q.delivery_status = 'pending' AND q.next_attempt_at <= now_at
+                      -- retry_count >= 0 holds for every row; it is how this walk, and no
+                      -- statement about one webhook, matches delivery_queue_due_idx (V0014).
+                      WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now_at
                       ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
                       LIMIT batch_size * 4) h
                 GROUP BY h.webhook_id

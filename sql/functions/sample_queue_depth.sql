@@ -16,10 +16,12 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM hookfleet.queue_depth_sample s WHERE s.sampled_at > now() - max_age) THEN
             INSERT INTO hookfleet.queue_depth_sample AS s (delivery_status, deliveries, oldest_due_age_seconds, sampled_at)
             VALUES
+                -- retry_count >= 0 (every row) matches delivery_queue_due_idx (V0014).
                 ('pending',
-                 (SELECT count(*) FROM hookfleet.delivery_queue q WHERE q.delivery_status = 'pending'),
+                 (SELECT count(*) FROM hookfleet.delivery_queue q
+                   WHERE q.delivery_status = 'pending' AND q.retry_count >= 0),
                  (SELECT extract(epoch FROM now() - min(q.next_attempt_at))::float8 FROM hookfleet.delivery_queue q
-                   WHERE q.delivery_status = 'pending' AND q.next_attempt_at <= now()),
+                   WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now()),
                  now()),
                 ('in_flight',
                  (SELECT count(*) FROM hookfleet.delivery_queue q WHERE q.delivery_status = 'in_flight'), NULL, now()),

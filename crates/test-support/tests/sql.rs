@@ -2345,6 +2345,7 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V11__schema_compatibility",
                 "V12__webhook_versions_never_repeat",
                 "V13__definition_history",
+                "V14__due_index_for_the_window_only",
             ]
         );
         let mut every_file = vec!["retired.sql".to_owned()];
@@ -2407,6 +2408,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V11__schema_compatibility".to_owned(),
                 "V12__webhook_versions_never_repeat".to_owned(),
                 "V13__definition_history".to_owned(),
+                "V14__due_index_for_the_window_only".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2420,7 +2422,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings ORDER BY name", &[])
             .await

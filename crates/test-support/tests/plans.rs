@@ -1,0 +1,364 @@
+//! The plans of the hot statements (issue 14): the claim (its candidate window and its take), the
+//! write-back, the lease rescue and the depth sample keep their intended indexes and never sort or
+//! scan the whole queue, with statistics taken on an empty queue (the usual state of a queue at
+//! an ANALYZE) and with statistics of 100,000 due rows. Stale statistics picked a bad plan twice
+//! (V0005, V0008); this makes the next one fail here rather than in a benchmark.
+//!
+//! The plans are the ones PostgreSQL really runs, statements inside the plpgsql functions
+//! included: `auto_explain` with `log_nested_statements` reports each one to this session as a
+//! notice. Every statement runs more than five times in its session, so that plpgsql's generic
+//! plans (chosen from the sixth execution on) are checked as well as the custom ones.
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use hookfleet_core::webhooks::NewWebhook;
+use hookfleet_test_support::{database, TestDatabase};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+const CLAIM: &str = include_str!("../../../sql/queries/claim.sql");
+const COMPLETE_MANY: &str = include_str!("../../../sql/queries/complete_many.sql");
+const RESCUE_EXPIRED: &str = include_str!("../../../sql/queries/rescue_expired.sql");
+const QUEUE_DEPTH: &str = include_str!("../../../sql/queries/queue_depth.sql");
+
+const WEBHOOKS: i64 = 101;
+const DUE_ROWS: i64 = 100_000;
+/// Delivered rows kept for their retention: most of a busy queue table.
+const SETTLED_ROWS: i64 = 200_000;
+/// A disabled webhook's rows at the head of the claim order, more than a claim's window.
+const BACKLOG: i64 = 1_000;
+const RUNS: usize = 7;
+const BATCH: i32 = 100;
+
+/// One scan of `delivery_queue` in a plan.
+#[derive(Debug, Clone)]
+struct Access {
+    /// The plan node (Index Scan, Bitmap Index Scan, Seq Scan, …).
+    node: String,
+    /// `None` for a sequential scan.
+    index: Option<String>,
+    /// A Sort above this scan with no Limit in between: it sorts everything the scan returns.
+    unbounded_sort: bool,
+}
+
+/// A statement's plan as `auto_explain` reported it.
+#[derive(Debug)]
+struct Plan {
+    query: String,
+    accesses: Vec<Access>,
+    json: Value,
+}
+
+fn walk(node: &Value, unbounded_sort: bool, accesses: &mut Vec<Access>) {
+    let node_type = node["Node Type"].as_str().unwrap_or_default();
+    let unbounded_sort = match node_type {
+        "Sort" | "Incremental Sort" => true,
+        "Limit" => false,
+        _ => unbounded_sort,
+    };
+    let index = node["Index Name"].as_str();
+    let on_queue = index.is_some_and(|index| index.starts_with("delivery_queue_"))
+        || (node_type == "Seq Scan" && node["Relation Name"].as_str() == Some("delivery_queue"));
+    if on_queue {
+        accesses.push(Access { node: node_type.to_owned(), index: index.map(str::to_owned), unbounded_sort });
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        walk(child, unbounded_sort, accesses);
+    }
+}
+
+/// A session whose statements' plans, nested ones included, arrive as notices.
+async fn explained_session(db: &TestDatabase) -> (Client, mpsc::UnboundedReceiver<Plan>) {
+    let (client, mut connection) = tokio_postgres::connect(&db.url, NoTls).await.expect("connect");
+    let (plans, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            let Ok(AsyncMessage::Notice(notice)) = message else { continue };
+            let Some((_, json)) = notice.message().split_once("plan:\n") else { continue };
+            let Ok(explained) = serde_json::from_str::<Value>(json) else { continue };
+            let mut accesses = Vec::new();
+            walk(&explained["Plan"], false, &mut accesses);
+            let query = explained["Query Text"].as_str().unwrap_or_default().split_whitespace().collect::<Vec<_>>();
+            let plan = Plan { query: query.join(" "), accesses, json: explained };
+            if plans.send(plan).is_err() {
+                break;
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; \
+             SET auto_explain.log_nested_statements = on; SET auto_explain.log_format = json; \
+             SET auto_explain.log_level = notice; SET client_min_messages = notice",
+        )
+        .await
+        .expect("auto_explain");
+    (client, received)
+}
+
+/// Runs each hot statement RUNS times and returns every plan reported.
+async fn hot_statements(db: &TestDatabase) -> Vec<Plan> {
+    let (client, mut received) = explained_session(db).await;
+    let no_ids: Vec<i64> = Vec::new();
+    let no_counts: Vec<i32> = Vec::new();
+    for run in 0..RUNS {
+        let worker = format!("plans-{run}");
+        let rows = client
+            .query(
+                CLAIM,
+                &[&worker, &BATCH, &60.0f64, &10_000.0f64, &Some(10_000i32), &None::<i32>, &no_ids, &no_counts],
+            )
+            .await
+            .expect("claim");
+        let claimed: Vec<(i64, i64, SystemTime)> = rows
+            .iter()
+            .filter_map(|row| Some((row.get::<_, Option<i64>>(0)?, row.get::<_, i64>(1), row.get::<_, SystemTime>(9))))
+            .collect();
+        assert!(!claimed.is_empty(), "run {run}: the claim took nothing");
+        let n = claimed.len();
+        let ids: Vec<i64> = claimed.iter().map(|row| row.0).collect();
+        let webhook_ids: Vec<i64> = claimed.iter().map(|row| row.1).collect();
+        let locked_untils: Vec<SystemTime> = claimed.iter().map(|row| row.2).collect();
+        let now = SystemTime::now();
+        client
+            .query(
+                COMPLETE_MANY,
+                &[
+                    &worker,
+                    &ids,
+                    &webhook_ids,
+                    &vec!["delivered"; n],
+                    &vec![0i32; n],
+                    &vec![0.0f64; n],
+                    &vec![1i32; n],
+                    &vec![Some(200i32); n],
+                    &vec![now; n],
+                    &vec![1.0f64; n],
+                    &vec![None::<String>; n],
+                    &vec![None::<String>; n],
+                    &vec![None::<String>; n],
+                    &5i32,
+                    &30.0f64,
+                    &locked_untils,
+                ],
+            )
+            .await
+            .expect("write-back");
+        client.query(RESCUE_EXPIRED, &[&100i32, &5i32]).await.expect("rescue");
+        client.query(QUEUE_DEPTH, &[&0.0f64]).await.expect("depth sample");
+    }
+    drop(client);
+    let mut plans = Vec::new();
+    while let Some(plan) = received.recv().await {
+        plans.push(plan);
+    }
+    plans
+}
+
+async fn setup() -> TestDatabase {
+    let db = database().await;
+    let client = db.client().await;
+    // Statistics stay exactly as this test takes them.
+    client
+        .batch_execute(
+            "ALTER TABLE hookfleet.delivery_queue SET (autovacuum_enabled = false); \
+             ALTER TABLE hookfleet.delivery_attempts SET (autovacuum_enabled = false)",
+        )
+        .await
+        .expect("autovacuum off");
+    for n in 0..WEBHOOKS {
+        db.create_webhook(NewWebhook {
+            url: format!("http://127.0.0.1:9/{n}"),
+            enabled: true,
+            ..NewWebhook::default()
+        })
+        .await;
+    }
+    db
+}
+
+/// The hot statements, as `auto_explain` names them, and the indexes each reads the queue by.
+struct Hot {
+    name: &'static str,
+    /// Identifies the statement in its query text.
+    marker: &'static str,
+    /// The indexes the statement may read delivery_queue by.
+    allowed: &'static [&'static str],
+    /// Those it must read it by.
+    required: &'static [&'static str],
+}
+
+const HOT: &[Hot] = &[
+    Hot {
+        name: "claim: the window of due rows",
+        marker: "WITH pending_hooks(webhook_id, level, window_rows)",
+        allowed: &["delivery_queue_due_idx"],
+        required: &["delivery_queue_due_idx"],
+    },
+    Hot {
+        name: "claim: the walk past a held-back window",
+        marker: "WITH RECURSIVE pending_hooks(webhook_id, level)",
+        allowed: &["delivery_queue_webhook_due_idx"],
+        required: &["delivery_queue_webhook_due_idx"],
+    },
+    Hot {
+        name: "claim: the take",
+        marker: "ids := ARRAY( SELECT q.delivery_id FROM hookfleet.delivery_queue q WHERE q.webhook_id = hooks[i]",
+        allowed: &["delivery_queue_webhook_due_idx", "delivery_queue_ordering_idx"],
+        required: &["delivery_queue_webhook_due_idx"],
+    },
+    Hot {
+        name: "claim: marking the taken rows",
+        marker: "UPDATE hookfleet.delivery_queue q SET delivery_status = 'in_flight'",
+        allowed: &["delivery_queue_pkey"],
+        required: &["delivery_queue_pkey"],
+    },
+    Hot {
+        name: "the write-back",
+        marker: "-- Write back one batch of attempts",
+        allowed: &["delivery_queue_pkey"],
+        required: &["delivery_queue_pkey"],
+    },
+    Hot {
+        name: "the lease rescue",
+        marker: "-- Return rows whose lease expired",
+        allowed: &["delivery_queue_in_flight_webhook_idx", "delivery_queue_pkey"],
+        required: &["delivery_queue_in_flight_webhook_idx"],
+    },
+    Hot {
+        name: "the depth sample",
+        marker: "INSERT INTO hookfleet.queue_depth_sample",
+        allowed: &["delivery_queue_due_idx", "delivery_queue_in_flight_webhook_idx", "delivery_queue_dead_idx"],
+        required: &["delivery_queue_due_idx", "delivery_queue_in_flight_webhook_idx", "delivery_queue_dead_idx"],
+    },
+];
+
+/// Scans whose sort is bounded by the batch or by the fleet's attempts in flight.
+const SMALL_SETS: &[&str] = &["delivery_queue_pkey", "delivery_queue_in_flight_webhook_idx"];
+
+/// A plan as an indented tree of nodes, with what each reads and how.
+fn render(node: &Value, depth: usize, out: &mut String) {
+    let field = |name: &str| node[name].as_str().map(|value| format!(" {name}: {value}")).unwrap_or_default();
+    out.push_str(&format!(
+        "{:indent$}{}{}{}{}{}{}\n",
+        "",
+        node["Node Type"].as_str().unwrap_or("?"),
+        field("Index Name"),
+        field("Relation Name"),
+        field("Index Cond"),
+        field("Filter"),
+        node["Sort Key"].as_array().map(|keys| format!(" Sort Key: {keys:?}")).unwrap_or_default(),
+        indent = depth * 2
+    ));
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        render(child, depth + 1, out);
+    }
+}
+
+/// What is wrong with the plans of one phase: a paragraph per statement and kind of problem, with
+/// how many executions had it and the first such plan.
+fn problems(phase: &str, plans: &[Plan]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for hot in HOT {
+        let runs: Vec<&Plan> = plans.iter().filter(|plan| plan.query.contains(hot.marker)).collect();
+        if runs.len() < RUNS {
+            problems.push(format!("{phase}: {}: {} plans reported, expected at least {RUNS}", hot.name, runs.len()));
+        }
+        let mut kinds: Vec<(String, usize, String)> = Vec::new();
+        for plan in &runs {
+            let used: BTreeSet<&str> = plan.accesses.iter().filter_map(|access| access.index.as_deref()).collect();
+            let mut wrong: Vec<String> = Vec::new();
+            for access in &plan.accesses {
+                let index = access.index.as_deref();
+                if index.is_none_or(|index| !hot.allowed.contains(&index)) {
+                    wrong.push(format!(
+                        "reads the queue by {} ({})",
+                        index.unwrap_or("a sequential scan"),
+                        access.node
+                    ));
+                }
+                if access.unbounded_sort && index.is_none_or(|index| !SMALL_SETS.contains(&index)) {
+                    wrong.push(format!("sorts everything it reads by {}", index.unwrap_or("a sequential scan")));
+                }
+            }
+            for index in hot.required.iter().filter(|index| !used.contains(**index)) {
+                wrong.push(format!("does not use {index}"));
+            }
+            if wrong.is_empty() {
+                continue;
+            }
+            let kind = wrong.join("; ");
+            match kinds.iter_mut().find(|(known, _, _)| *known == kind) {
+                Some((_, count, _)) => *count += 1,
+                None => {
+                    let mut tree = String::new();
+                    render(&plan.json["Plan"], 1, &mut tree);
+                    kinds.push((kind, 1, tree));
+                }
+            }
+        }
+        for (kind, count, tree) in kinds {
+            problems.push(format!(
+                "{phase}: {}: {kind} ({count} of {} executions), e.g.\n{tree}",
+                hot.name,
+                runs.len()
+            ));
+        }
+    }
+    problems
+}
+
+/// Loads the queue a busy fleet has: settled rows kept for their retention (loaded directly,
+/// as history), a held-back backlog at the head of the claim order (a disabled webhook's), and
+/// DUE_ROWS due rows over the other webhooks through the producers' path.
+async fn load(client: &Client, webhooks: &[i64], disabled: i64) {
+    client
+        .batch_execute(&format!(
+            "SET session_replication_role = replica; \
+             INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, delivery_status, delivered_at, created_at) \
+             SELECT {first} + n % {count}, '{{}}', 'delivered', now() - interval '1 hour', now() - interval '1 hour' \
+             FROM generate_series(1, {SETTLED_ROWS}) n; \
+             INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, delivery_status, last_error) \
+             SELECT {first} + n % {count}, '{{}}', 'dead', 'HTTP 404' FROM generate_series(1, 1000) n; \
+             SET session_replication_role = origin; \
+             INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, deliver_at) \
+             SELECT {disabled}, '{{}}', now() - interval '1 hour' FROM generate_series(1, {BACKLOG}) n; \
+             INSERT INTO hookfleet.delivery_queue (webhook_id, message_body, ordering_key) \
+             SELECT {first} + n % {count}, '{{}}', CASE WHEN n % 10 = 0 THEN 'key-' || n % 1000 END \
+             FROM generate_series(1, {DUE_ROWS}) n",
+            first = webhooks[0],
+            count = webhooks.len(),
+        ))
+        .await
+        .expect("load the queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_statements_keep_their_indexes_whatever_the_statistics_say() {
+    let db = setup().await;
+    let client = db.client().await;
+    let webhooks: Vec<i64> = client
+        .query("SELECT webhook_id FROM hookfleet.webhooks ORDER BY webhook_id", &[])
+        .await
+        .expect("webhooks")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let disabled = webhooks[0];
+    client
+        .execute("UPDATE hookfleet.webhooks SET enabled = false WHERE webhook_id = $1", &[&disabled])
+        .await
+        .expect("disable");
+    let enabled = &webhooks[1..];
+
+    // Statistics taken while the queue was empty, then a busy queue.
+    client.batch_execute("ANALYZE hookfleet.delivery_queue").await.expect("analyze");
+    load(&client, enabled, disabled).await;
+    let mut found = problems("statistics of an empty queue", &hot_statements(&db).await);
+    // Statistics of the busy queue, as autovacuum keeps them.
+    client.batch_execute("VACUUM ANALYZE hookfleet.delivery_queue").await.expect("vacuum analyze");
+    found.extend(problems("statistics of the busy queue", &hot_statements(&db).await));
+    assert!(found.is_empty(), "{} plan problems:\n{}", found.len(), found.join("\n\n"));
+}
