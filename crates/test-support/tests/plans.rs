@@ -210,6 +210,18 @@ const HOT: &[Hot] = &[
         required: &["delivery_queue_webhook_due_idx"],
     },
     Hot {
+        name: "claim: has_due_delivery",
+        marker: "WHERE q.webhook_id = has_due_delivery.webhook_id",
+        allowed: &["delivery_queue_webhook_due_idx"],
+        required: &["delivery_queue_webhook_due_idx"],
+    },
+    Hot {
+        name: "claim: a webhook's attempts in flight (max_in_flight)",
+        marker: "SELECT count(*) FROM hookfleet.delivery_queue q WHERE q.webhook_id = hook.webhook_id AND q.delivery_status = 'in_flight'",
+        allowed: &["delivery_queue_in_flight_webhook_idx"],
+        required: &["delivery_queue_in_flight_webhook_idx"],
+    },
+    Hot {
         name: "claim: marking the taken rows",
         marker: "UPDATE hookfleet.delivery_queue q SET delivery_status = 'in_flight'",
         allowed: &["delivery_queue_pkey"],
@@ -351,6 +363,15 @@ async fn the_hot_statements_keep_their_indexes_whatever_the_statistics_say() {
         .execute("UPDATE hookfleet.webhooks SET enabled = false WHERE webhook_id = $1", &[&disabled])
         .await
         .expect("disable");
+    // Some webhooks with limits, so that the claim decides them under their lock (the paths with
+    // has_due_delivery and the in-flight count).
+    client
+        .execute(
+            "UPDATE hookfleet.webhooks SET rate_limit_rps = 1000, max_in_flight = 50 WHERE webhook_id = ANY ($1)",
+            &[&webhooks[1..11].to_vec()],
+        )
+        .await
+        .expect("limits");
     let enabled = &webhooks[1..];
 
     // Statistics taken while the queue was empty, then a busy queue.
