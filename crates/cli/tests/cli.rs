@@ -411,20 +411,113 @@ async fn replay_and_cancel_report_what_happened() {
     assert!(stderr(&again).contains("is cancelled"), "{}", stderr(&again));
 }
 
+/// One dashboard of `hookfleet status`: its rows, each a map from column name to cell text.
+type Dashboard = Vec<HashMap<String, String>>;
+
+/// Parses `hookfleet status`: a title line per dashboard, then either a table (a header row
+/// and data rows between `│`, cells separated by `┆`) or `  (none)`. Returns the dashboards in
+/// the order printed, so that checks compare whole cells, never substrings of the text.
+fn dashboards(text: &str) -> Vec<(String, Dashboard)> {
+    let mut parsed: Vec<(String, Dashboard)> = Vec::new();
+    let mut header: Option<Vec<String>> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() || "┌╞└".contains(line.chars().next().expect("non-empty")) {
+            continue;
+        }
+        if line == "  (none)" {
+            assert!(parsed.last().is_some_and(|(_, rows)| rows.is_empty()), "(none) after rows:\n{text}");
+            continue;
+        }
+        if let Some(inner) = line.strip_prefix('│').and_then(|line| line.strip_suffix('│')) {
+            let cells: Vec<String> = inner.split('┆').map(|cell| cell.trim().to_owned()).collect();
+            let (_, rows) = parsed.last_mut().unwrap_or_else(|| panic!("a table before any title:\n{text}"));
+            match &header {
+                None => header = Some(cells),
+                Some(columns) => {
+                    assert_eq!(cells.len(), columns.len(), "a row of another width: {line}");
+                    rows.push(columns.iter().cloned().zip(cells).collect());
+                }
+            }
+            continue;
+        }
+        assert!(!line.starts_with(' ') && !line.contains('│'), "an unexpected line {line:?} in:\n{text}");
+        parsed.push((line.to_owned(), Vec::new()));
+        header = None;
+    }
+    parsed
+}
+
+/// The one row of `dashboard` whose `column` is exactly `value`.
+fn row<'a>(dashboard: &'a Dashboard, column: &str, value: &str) -> &'a HashMap<String, String> {
+    let matching: Vec<_> = dashboard.iter().filter(|row| row.get(column).map(String::as_str) == Some(value)).collect();
+    assert_eq!(matching.len(), 1, "one row with {column} = {value}: {dashboard:?}");
+    matching[0]
+}
+
+/// Asserts that `row` has exactly these cells (other columns are not checked).
+fn assert_cells(row: &HashMap<String, String>, expected: &[(&str, &str)]) {
+    for (column, value) in expected {
+        assert_eq!(row.get(*column).map(String::as_str), Some(*value), "{column} in {row:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_every_dashboard() {
     let db = database().await;
     let env = db.env();
     ok(hookfleet(&env, &["webhooks", "create", "--url", "http://127.0.0.1:9/", "--name", "billing"]));
+    ok(hookfleet(&env, &["webhooks", "create", "--url", "http://127.0.0.1:9/", "--name", "payments"]));
+    // One pending row for billing; payments' circuit is open (so it is unavailable) and has
+    // had two attempts; one live worker holds three attempts.
     db.client()
         .await
-        .batch_execute("INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES (100, '{}')")
+        .batch_execute(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES (100, '{}'); \
+             UPDATE hookfleet.webhook_health_metrics SET health_status = 'unavailable', circuit_state = 'open', \
+                 circuit_opened_at = now(), circuit_open_until = now() + interval '1 hour', consecutive_failures = 7 \
+             WHERE webhook_id = 101; \
+             INSERT INTO hookfleet.delivery_attempts \
+                 (delivery_id, webhook_id, attempt_number, worker_id, started_at, duration_ms, status_code, outcome) \
+             VALUES (1, 101, 1, 'worker-a', now() - interval '1 second', 10, 500, 'retry'), (1, 101, 2, 'worker-a', now(), 30, 200, 'delivered'); \
+             INSERT INTO hookfleet.workers (worker_id, host, pid, version, in_flight) \
+             VALUES ('worker-a', 'host-a', 4242, '0.1.0', 3)",
+        )
         .await
         .expect("insert");
     let text = ok(hookfleet(&env, &["status"]));
-    for section in ["Queue", "Webhooks", "Performance", "Workers", "billing", "pending", "healthy"] {
-        assert!(text.contains(section), "{section} missing from:\n{text}");
+    let parsed = dashboards(&text);
+    let titles: Vec<&str> = parsed.iter().map(|(title, _)| title.as_str()).collect();
+    assert_eq!(titles, ["Queue", "Webhooks", "Performance", "Workers"], "{text}");
+    let [queue, webhooks, performance, workers] = [0, 1, 2, 3].map(|index| &parsed[index].1);
+
+    assert_cells(row(queue, "delivery_status", "pending"), &[("deliveries", "1")]);
+    for status in ["in_flight", "delivered", "dead", "cancelled"] {
+        assert_cells(row(queue, "delivery_status", status), &[("deliveries", "0")]);
     }
+    assert_eq!(webhooks.len(), 2, "{text}");
+    assert_cells(
+        row(webhooks, "webhook_id", "100"),
+        &[("name", "billing"), ("health_status", "healthy"), ("circuit_state", "closed"), ("pending", "1")],
+    );
+    assert_cells(
+        row(webhooks, "webhook_id", "101"),
+        &[
+            ("name", "payments"),
+            ("health_status", "unavailable"),
+            ("circuit_state", "open"),
+            ("pending", "0"),
+            ("consecutive_failures", "7"),
+        ],
+    );
+    assert_eq!(performance.len(), 2, "a 5m and a 1h window for payments: {text}");
+    for window in ["5m", "1h"] {
+        assert_cells(
+            row(performance, "window_name", window),
+            &[("webhook_id", "101"), ("attempts", "2"), ("successes", "1"), ("max_ms", "30.0")],
+        );
+    }
+    assert_eq!(workers.len(), 1, "{text}");
+    assert_cells(row(workers, "worker_id", "worker-a"), &[("host", "host-a"), ("pid", "4242"), ("in_flight", "3")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,16 +576,33 @@ async fn an_older_release_works_with_a_newer_schema_until_the_schema_refuses_it(
     }
 }
 
+/// The rows of a Markdown table whose header is `header`, each split into trimmed cells.
+fn markdown_rows<'a>(text: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    let mut lines = text.lines().skip_while(|line| *line != header);
+    assert_eq!(lines.next(), Some(header), "no table headed {header}");
+    assert!(lines.next().is_some_and(|line| line.starts_with("|---")), "{header} has no separator line");
+    lines
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| line.trim_matches('|').split('|').map(str::trim).collect())
+        .collect()
+}
+
 #[test]
-fn the_readme_documents_every_setting() {
-    let readme = include_str!("../../../README.md");
-    for setting in Config::settings() {
-        assert!(
-            readme.contains(&format!("| `{}` |", setting.env)),
-            "README's configuration table lacks {}",
-            setting.env
-        );
+fn the_readme_documents_every_setting_as_hookfleet_settings_does() {
+    let header = "| environment | file key | default | meaning |";
+    let readme = markdown_rows(include_str!("../../../README.md"), header);
+    let printed = ok(hookfleet(&HashMap::new(), &["settings"]));
+    let settings = markdown_rows(&printed, header);
+    assert_eq!(settings.len(), Config::settings().len(), "hookfleet settings prints every setting: {printed}");
+    for (index, setting) in Config::settings().iter().enumerate() {
+        assert_eq!(settings[index][0], format!("`{}`", setting.env), "hookfleet settings, row {index}");
+        assert_eq!(settings[index][2], setting.default, "hookfleet settings' default of {}", setting.env);
     }
+    // Name, file key, default and meaning, row by row and in the same order.
+    for (index, (documented, printed)) in readme.iter().zip(&settings).enumerate() {
+        assert_eq!(documented, printed, "README's configuration table, row {index}, differs from hookfleet settings");
+    }
+    assert_eq!(readme.len(), settings.len(), "README's configuration table has other rows than hookfleet settings");
 }
 
 #[test]

@@ -456,25 +456,92 @@ pub fn free_loopback_addr() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
+/// How many ports [`WorkerProcess::spawn`] tries before it gives up.
+const METRICS_PORT_TRIES: u32 = 5;
+/// How long [`WorkerProcess::spawn`] waits for a worker to bind METRICS_ADDR (or to exit, or to
+/// say that it waits for the database) before it returns with the worker still starting.
+const METRICS_BIND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How one start of a worker process went, as far as its METRICS_ADDR is concerned.
+enum Start {
+    /// It serves METRICS_ADDR, exited for another reason, or is still starting: hand it over.
+    Settled,
+    /// It exited because another socket took the port between [`free_loopback_addr`] and its bind.
+    PortTaken,
+}
+
 impl WorkerProcess {
-    /// Starts `binary` with `test_worker_env` plus `overrides`.
+    /// Starts `binary` with `test_worker_env` plus `overrides`. The port it gets for METRICS_ADDR
+    /// is free when picked but released before the worker binds it, so another socket may take
+    /// it first: then the worker exits saying so and is started again on another port.
     pub fn spawn(binary: &Path, db: &TestDatabase, worker_id: &str, overrides: &[(&str, &str)]) -> Self {
-        let metrics_addr = free_loopback_addr();
-        let mut env = test_worker_env(db, worker_id, metrics_addr);
-        for (name, value) in overrides {
-            env.insert((*name).to_owned(), (*value).to_owned());
+        Self::spawn_preferring(binary, db, worker_id, overrides, free_loopback_addr())
+    }
+
+    /// [`WorkerProcess::spawn`], trying `metrics_addr` first (the harness's own tests pass a
+    /// taken one). An override of METRICS_ADDR is used as given, never retried.
+    pub fn spawn_preferring(
+        binary: &Path,
+        db: &TestDatabase,
+        worker_id: &str,
+        overrides: &[(&str, &str)],
+        metrics_addr: SocketAddr,
+    ) -> Self {
+        let fixed = overrides.iter().any(|(name, _)| *name == "METRICS_ADDR");
+        let mut metrics_addr = metrics_addr;
+        let mut taken = Vec::new();
+        for _ in 0..METRICS_PORT_TRIES {
+            let mut env = test_worker_env(db, worker_id, metrics_addr);
+            for (name, value) in overrides {
+                env.insert((*name).to_owned(), (*value).to_owned());
+            }
+            let log = tempfile::NamedTempFile::new().expect("log file");
+            let child = Command::new(binary)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(&env)
+                .stdin(Stdio::null())
+                .stdout(log.reopen().expect("log"))
+                .stderr(log.reopen().expect("log"))
+                .spawn()
+                .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
+            let mut worker = Self { child, worker_id: worker_id.to_owned(), metrics_addr, log };
+            match worker.wait_for_metrics_bind() {
+                Start::PortTaken if !fixed => {
+                    taken.push(metrics_addr);
+                    metrics_addr = free_loopback_addr();
+                }
+                _ => return worker,
+            }
         }
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let child = Command::new(binary)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&env)
-            .stdin(Stdio::null())
-            .stdout(log.reopen().expect("log"))
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
-        Self { child, worker_id: worker_id.to_owned(), metrics_addr, log }
+        panic!("{worker_id}: every METRICS_ADDR tried was taken before the worker could bind it: {taken:?}")
+    }
+
+    /// Waits (bounded by [`METRICS_BIND_PATIENCE`]) until the worker serves its METRICS_ADDR, exits,
+    /// or logs that it waits for the database (it binds only once connected). Blocks the thread:
+    /// `spawn` is not async, so on a multi-threaded runtime the runtime is told (`block_in_place`).
+    fn wait_for_metrics_bind(&mut self) -> Start {
+        let taken = format!("cannot listen on METRICS_ADDR {}", self.metrics_addr);
+        let mut wait = || {
+            let until = Instant::now() + METRICS_BIND_PATIENCE;
+            loop {
+                let exited = self.child.try_wait().expect("try_wait").is_some();
+                let log = self.log();
+                if exited {
+                    let port_taken = log.contains(&taken) && log.contains("in use");
+                    return if port_taken { Start::PortTaken } else { Start::Settled };
+                }
+                let waiting_for_database = log.contains("cannot reach the database yet");
+                if log.contains("serving /metrics") || waiting_for_database || Instant::now() >= until {
+                    return Start::Settled;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
