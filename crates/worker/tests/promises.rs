@@ -1,6 +1,7 @@
 //! README promises proven on the real `hookfleet-worker`, end to end:
 //! - "Metrics and probes": `/readyz` answers non-200 and `worker_health_status` reads 0 while the
-//!   database is down, 200 and 1 once it is back.
+//!   database is down, 200 and 1 once it is back; `webhook_circuit_state` reads 2 (half-open) while
+//!   a probe is out and 0 once it succeeded.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -10,7 +11,10 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use hookfleet_core::pg_embedded::EmbeddedPostgres;
-use hookfleet_test_support::{cluster, database, eventually, metric_value, WorkerProcess};
+use hookfleet_core::webhooks::{NewWebhook, WebhookView};
+use hookfleet_test_support::{
+    cluster, database, eventually, metric_value, Receiver, Reply, TestDatabase, WorkerProcess,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -19,6 +23,10 @@ static GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn worker_binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hookfleet-worker"))
+}
+
+async fn webhook(db: &TestDatabase, new: NewWebhook) -> WebhookView {
+    db.create_webhook(NewWebhook { enabled: true, ..new }).await
 }
 
 /// Waits until the worker's `/metrics` satisfies `check`; the exposition then. On timeout the
@@ -108,4 +116,70 @@ async fn readyz_and_worker_health_status_follow_the_database_down_and_back() {
     })
     .await;
     metrics_until(&worker, "health 1 once the database is back", |body| metric_value(body, health) == Some(1.0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_circuit_state_reads_half_open_while_the_probe_is_out_then_closed() {
+    const THRESHOLD: usize = 2;
+    /// Longer than two of the worker's 5 s circuit samples.
+    const PROBE_HOLD: Duration = Duration::from_secs(12);
+    let _shared = GATE.read().await;
+    let db = database().await;
+    // Fails until the circuit opens; the request after that is the probe, held, then answered 200.
+    let receiver =
+        Receiver::start(
+            |_, before| {
+                if before < THRESHOLD {
+                    Reply::status(503)
+                } else {
+                    Reply::status(200).after(PROBE_HOLD)
+                }
+            },
+        )
+        .await;
+    let hook =
+        webhook(&db, NewWebhook { url: receiver.url("/probed"), max_retries: Some(20), ..Default::default() }).await;
+    let worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-probe",
+        &[
+            ("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "2"),
+            ("CIRCUIT_BREAKER_TIMEOUT_SECONDS", "1"),
+            // The held probe must end by its answer, not by a timeout.
+            ("HTTP_TIMEOUT", "30s"),
+            ("HOOKFLEET_LEASE", "60s"),
+        ],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let series = format!("webhook_circuit_state{{webhook_id=\"{}\"}}", hook.webhook_id);
+
+    receiver.wait_for(THRESHOLD + 1, DEADLINE).await;
+    let client = db.client().await;
+    let state = || async {
+        client
+            .query_one(
+                "SELECT circuit_state FROM hookfleet.webhook_health_metrics WHERE webhook_id = $1",
+                &[&hook.webhook_id],
+            )
+            .await
+            .expect("health row")
+            .get::<_, String>(0)
+    };
+    assert_eq!(state().await, "half_open", "the probe is out");
+    metrics_until(&worker, "webhook_circuit_state 2 while the probe is out", |body| {
+        metric_value(body, &series) == Some(2.0)
+    })
+    .await;
+    // The 2 was read while the probe was still out: nothing had answered it yet.
+    assert_eq!(db.delivery(delivery_id).await.0, "in_flight", "the probe had not been answered");
+    assert_eq!(receiver.requests().len(), THRESHOLD + 1, "one probe, nothing else");
+
+    let (_, retries, code, _) = db.wait_for_status(delivery_id, "delivered").await;
+    assert_eq!((retries, code), (THRESHOLD as i32, Some(200)), "the probe succeeded");
+    assert_eq!(state().await, "closed");
+    metrics_until(&worker, "webhook_circuit_state 0 after the probe succeeded", |body| {
+        metric_value(body, &series) == Some(0.0)
+    })
+    .await;
 }
