@@ -2,13 +2,14 @@
 //! - "Metrics and probes": `/readyz` answers non-200 and `worker_health_status` reads 0 while the
 //!   database is down, 200 and 1 once it is back; `webhook_circuit_state` reads 2 (half-open) while
 //!   a probe is out and 0 once it succeeded.
+//! - "Wake-ups": `POLL_INTERVAL` polling delivers rows while the worker has no listener.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
 
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hookfleet_core::pg_embedded::EmbeddedPostgres;
 use hookfleet_core::webhooks::{NewWebhook, WebhookView};
@@ -182,4 +183,110 @@ async fn webhook_circuit_state_reads_half_open_while_the_probe_is_out_then_close
         metric_value(body, &series) == Some(0.0)
     })
     .await;
+}
+
+/// The worker's LISTEN session, if it has one.
+async fn listener_pid(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'hookfleet-worker-listen' \
+             AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .map(|row| row.get(0))
+}
+
+/// A session on the server's `postgres` database: a database cannot refuse connections to itself
+/// from its own session.
+async fn admin_client(db: &TestDatabase) -> tokio_postgres::Client {
+    let url = match db.url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split('/').next().unwrap_or(rest);
+            format!("{scheme}://{authority}/postgres")
+        }
+        // key=value: the last dbname wins.
+        None => format!("{} dbname=postgres", db.url),
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("admin session");
+    tokio::spawn(connection);
+    client
+}
+
+/// The listener is terminated and kept from coming back (the database accepts no new
+/// connections, and the worker's one pooled session is already open), so no NOTIFY reaches the
+/// worker: only its poll can find the rows inserted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_interval_delivers_while_the_listener_is_lost() {
+    const POLL: Duration = Duration::from_secs(1);
+    const ROWS: usize = 3;
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, NewWebhook { url: receiver.url("/polled"), ..Default::default() }).await;
+    let poll = format!("{}ms", POLL.as_millis());
+    // One pooled session, which the warm-up below opens: the blocked database cannot starve it.
+    let worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-poll",
+        &[("POLL_INTERVAL", poll.as_str()), ("HOOKFLEET_DB_POOL_SIZE", "1")],
+    );
+    // Opened before the database refuses connections; every query below goes through it.
+    let client = db.client().await;
+    let warm = db.insert_delivery(hook.webhook_id, "{}").await;
+    db.wait_for_status(warm, "delivered").await;
+    let listener = eventually(DEADLINE, "the worker's LISTEN session", || listener_pid(&client)).await;
+
+    let admin = admin_client(&db).await;
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).await.expect("block");
+    client.execute("SELECT pg_terminate_backend($1, 5000)", &[&listener]).await.expect("terminate the listener");
+    eventually(DEADLINE, "the worker to notice its listener is gone", || async {
+        worker.log().contains("wake-up listener disconnected").then_some(())
+    })
+    .await;
+
+    let status = |delivery_id: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT delivery_status FROM hookfleet.delivery_queue WHERE delivery_id = $1",
+                    &[&delivery_id],
+                )
+                .await
+                .expect("row")
+                .get::<_, String>(0)
+        }
+    };
+    let mut latencies = Vec::new();
+    for n in 0..ROWS {
+        let inserted = Instant::now();
+        let delivery_id: i64 = client
+            .query_one(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) VALUES ($1, jsonb_build_object('n', $2::int)) \
+                 RETURNING delivery_id",
+                &[&hook.webhook_id, &(n as i32)],
+            )
+            .await
+            .expect("insert")
+            .get(0);
+        // Without polling the row would wait for a listener that cannot come back.
+        eventually(Duration::from_secs(20), "the row delivered by polling", || async {
+            (status(delivery_id).await == "delivered").then_some(())
+        })
+        .await;
+        latencies.push(inserted.elapsed());
+        assert_eq!(listener_pid(&client).await, None, "no listener could have woken the worker");
+    }
+    latencies.sort();
+    eprintln!("insert → delivered with no listener and POLL_INTERVAL {POLL:?}: {latencies:?}");
+    // POLL_INTERVAL-scale: a poll within the interval, with room for a loaded machine.
+    assert!(latencies[ROWS / 2] < POLL * 5, "median {:?} with a {POLL:?} poll", latencies[ROWS / 2]);
+    assert_eq!(receiver.requests().len(), ROWS + 1, "each row once");
+
+    // The block was what kept the listener away: lifted, it reconnects by itself.
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.expect("unblock");
+    eventually(DEADLINE, "the listener to reconnect", || listener_pid(&client)).await;
 }
