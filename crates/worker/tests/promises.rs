@@ -3,6 +3,8 @@
 //!   database is down, 200 and 1 once it is back; `webhook_circuit_state` reads 2 (half-open) while
 //!   a probe is out and 0 once it succeeded.
 //! - "Wake-ups": `POLL_INTERVAL` polling delivers rows while the worker has no listener.
+//! - `HOOKFLEET_CONNECT_TIMEOUT` ends an attempt whose TLS handshake never completes, long before
+//!   `HTTP_TIMEOUT`.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -289,4 +291,71 @@ async fn poll_interval_delivers_while_the_listener_is_lost() {
     // The block was what kept the listener away: lifted, it reconnects by itself.
     admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.expect("unblock");
     eventually(DEADLINE, "the listener to reconnect", || listener_pid(&client)).await;
+}
+
+/// Attempt rows of one delivery: `(outcome, error_class, duration_ms, status_code, error_message,
+/// response_excerpt)`, in attempt order.
+type AttemptRow = (String, Option<String>, f64, Option<i32>, Option<String>, Option<String>);
+
+async fn attempts(client: &tokio_postgres::Client, delivery_id: i64) -> Vec<AttemptRow> {
+    client
+        .query(
+            "SELECT outcome, error_class, duration_ms, status_code, error_message, response_excerpt \
+             FROM hookfleet.delivery_attempts WHERE delivery_id = $1 ORDER BY attempt_number",
+            &[&delivery_id],
+        )
+        .await
+        .expect("attempts")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5)))
+        .collect()
+}
+
+/// A loopback TCP server that accepts connections and never sends a byte: the TLS handshake of an
+/// `https://` URL to it never completes. Returns its address and how many connections it took.
+async fn mute_tls_receiver() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        // Held, never answered, until the test's runtime ends.
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (address, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookfleet_connect_timeout_ends_a_handshake_that_never_completes() {
+    const CONNECT_TIMEOUT: &str = "300ms";
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let (address, accepted) = mute_tls_receiver().await;
+    let hook =
+        webhook(&db, NewWebhook { url: format!("https://{address}/mute"), max_retries: Some(0), ..Default::default() })
+            .await;
+    // HTTP_TIMEOUT (and the lease) far beyond the connect timeout: only the latter can end it soon.
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-connect",
+        &[("HOOKFLEET_CONNECT_TIMEOUT", CONNECT_TIMEOUT), ("HTTP_TIMEOUT", "20s"), ("HOOKFLEET_LEASE", "60s")],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, _, code, last_error) = db.wait_for_status(delivery_id, "dead").await;
+    let client = db.client().await;
+    let recorded = attempts(&client, delivery_id).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let (outcome, class, duration_ms, _, _, _) = &recorded[0];
+    assert_eq!((outcome.as_str(), class.as_deref(), code), ("dead", Some("connect"), None), "{last_error:?}");
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1, "TCP connected: the handshake is what hung");
+    // Near the 300 ms, nowhere near HTTP_TIMEOUT's 20 s; the upper bound leaves a loaded machine room.
+    assert!((270.0..5_000.0).contains(duration_ms), "the attempt took {duration_ms} ms");
+    let last_error = last_error.unwrap_or_default();
+    assert!(last_error.contains(CONNECT_TIMEOUT), "last_error names the connect timeout: {last_error}");
 }
