@@ -5,6 +5,8 @@
 //! - "Wake-ups": `POLL_INTERVAL` polling delivers rows while the worker has no listener.
 //! - `HOOKFLEET_CONNECT_TIMEOUT` ends an attempt whose TLS handshake never completes, long before
 //!   `HTTP_TIMEOUT`.
+//! - "Timeouts": response bodies are read up to `HOOKFLEET_RESPONSE_BODY_CAP` and dropped: a body
+//!   over the cap that never finishes does not hold the attempt.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -358,4 +360,63 @@ async fn hookfleet_connect_timeout_ends_a_handshake_that_never_completes() {
     assert!((270.0..5_000.0).contains(duration_ms), "the attempt took {duration_ms} ms");
     let last_error = last_error.unwrap_or_default();
     assert!(last_error.contains(CONNECT_TIMEOUT), "last_error names the connect timeout: {last_error}");
+}
+
+/// A loopback HTTP/1.1 server that answers each request `200` with a `Content-Length` of 100,000,
+/// sends the first `sent` bytes of that body and then stalls, keeping the connection open.
+async fn stalling_body_receiver(sent: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            // The request's head, then the answer; what else the client sends is not read.
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n").await;
+            let _ = stream.write_all(sent).await;
+            let _ = stream.flush().await;
+            held.push(stream);
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_response_body_cap_that_never_finishes_is_read_to_the_cap_and_dropped() {
+    const CAP: &str = "1000";
+    let _shared = GATE.read().await;
+    let db = database().await;
+    // 5,000 bytes sent of a promised 100,000, then silence: only a reader that stops at the cap ends.
+    let sent: &'static [u8] =
+        Box::leak((0..5_000).map(|n| b'a' + (n % 26) as u8).collect::<Vec<u8>>().into_boxed_slice());
+    let address = stalling_body_receiver(sent).await;
+    let hook = webhook(&db, NewWebhook { url: format!("http://{address}/endless"), ..Default::default() }).await;
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-cap",
+        &[("HOOKFLEET_RESPONSE_BODY_CAP", CAP), ("HTTP_TIMEOUT", "20s"), ("HOOKFLEET_LEASE", "60s")],
+    );
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, retries, code, last_error) = db.wait_for_status(delivery_id, "delivered").await;
+    assert_eq!((retries, code, last_error), (0, Some(200), None));
+    let client = db.client().await;
+    let recorded = attempts(&client, delivery_id).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let (outcome, class, duration_ms, _, _, excerpt) = &recorded[0];
+    assert_eq!((outcome.as_str(), class.as_deref()), ("delivered", None));
+    // Ended by the cap, not by HTTP_TIMEOUT's 20 s waiting for the rest of the body.
+    assert!(*duration_ms < 5_000.0, "the attempt took {duration_ms} ms");
+    let excerpt = excerpt.as_deref().unwrap_or_default();
+    let cap: usize = CAP.parse().expect("cap");
+    assert!(!excerpt.is_empty() && excerpt.len() <= cap, "the stored excerpt has {} bytes", excerpt.len());
+    assert!(sent.starts_with(excerpt.as_bytes()), "the excerpt is the start of the body");
 }
