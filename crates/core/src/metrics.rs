@@ -39,7 +39,6 @@ pub struct Metrics {
     /// yet. At `HOOKFLEET_MAX_IN_FLIGHT` with few in flight, write-backs are stalling claims.
     pub worker_slots_held: IntGauge,
     pub claim_duration_seconds: Histogram,
-    pub claimed_total: IntCounter,
     pub lease_lost_total: IntCounter,
     pub database_errors_total: IntCounterVec,
 }
@@ -92,7 +91,6 @@ impl Metrics {
             HistogramOpts::new("webhook_claim_duration_seconds", "Duration of one claim query")
                 .buckets(exponential_buckets(0.0005, 2.0, 14)?),
         )?;
-        let claimed_total = IntCounter::new("webhook_claimed_total", "Deliveries claimed by this worker")?;
         let lease_lost_total = IntCounter::new(
             "webhook_lease_lost_total",
             "Write-backs that matched no row: the lease had expired and another worker took the row",
@@ -115,7 +113,6 @@ impl Metrics {
         registry.register(Box::new(worker_in_flight.clone()))?;
         registry.register(Box::new(worker_slots_held.clone()))?;
         registry.register(Box::new(claim_duration_seconds.clone()))?;
-        registry.register(Box::new(claimed_total.clone()))?;
         registry.register(Box::new(lease_lost_total.clone()))?;
         registry.register(Box::new(database_errors_total.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -133,7 +130,6 @@ impl Metrics {
             worker_in_flight,
             worker_slots_held,
             claim_duration_seconds,
-            claimed_total,
             lease_lost_total,
             database_errors_total,
         })
@@ -240,37 +236,5 @@ impl WebhookMetrics {
             Outcome::Dead => self.dead.inc(),
         }
         self.duration.observe(duration.as_secs_f64());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_spec_metric_is_exported() {
-        let metrics = Metrics::new().unwrap();
-        metrics.deliveries_total.with_label_values(&["delivered", "100"]).inc();
-        metrics.delivery_duration_seconds.with_label_values(&["100"]).observe(0.01);
-        metrics.queue_depth.with_label_values(&["pending"]).set(3);
-        metrics.retries_total.with_label_values(&["100"]).inc();
-        metrics.rate_limited_total.with_label_values(&["100"]).inc();
-        metrics.circuit_state.with_label_values(&["100"]).set(0);
-        metrics.worker_health_status.with_label_values(&["w1"]).set(1);
-        metrics.worker_in_flight.set(2);
-        let text = metrics.render();
-        for name in [
-            "webhook_deliveries_total{status=\"delivered\",webhook_id=\"100\"} 1",
-            "webhook_delivery_duration_seconds_bucket",
-            "webhook_queue_depth{status=\"pending\"} 3",
-            "webhook_retries_total{webhook_id=\"100\"} 1",
-            "webhook_rate_limited_total{webhook_id=\"100\"} 1",
-            "webhook_circuit_state{webhook_id=\"100\"} 0",
-            "worker_health_status{worker_id=\"w1\"} 1",
-            "worker_in_flight 2",
-            "hookfleet_build_info{version=",
-        ] {
-            assert!(text.contains(name), "missing {name} in\n{text}");
-        }
     }
 }

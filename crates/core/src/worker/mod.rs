@@ -530,7 +530,6 @@ impl Engine {
                 }
             };
             self.metrics.claim_duration_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.claimed_total.inc_by(claim.deliveries.len() as u64);
             self.record_holds(&claim, &mut webhooks);
             let Claim { deliveries, rate_limited, held_for_capacity, contended, .. } = claim;
             let drained = deliveries.len() < requested;
