@@ -7,6 +7,8 @@
 //!   `HTTP_TIMEOUT`.
 //! - "Timeouts": response bodies are read up to `HOOKFLEET_RESPONSE_BODY_CAP` and dropped: a body
 //!   over the cap that never finishes does not hold the attempt.
+//! - "Receivers behind a private CA": HTTPS receivers get HTTP/2 when they offer it (ALPN),
+//!   HTTP/1.1 otherwise.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use hookfleet_core::pg_embedded::EmbeddedPostgres;
 use hookfleet_core::webhooks::{NewWebhook, WebhookView};
 use hookfleet_test_support::{
-    cluster, database, eventually, metric_value, Receiver, Reply, TestDatabase, WorkerProcess,
+    cluster, database, eventually, metric_value, LoopbackTls, Receiver, Reply, TestDatabase, WorkerProcess,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -419,4 +421,99 @@ async fn a_body_over_the_response_body_cap_that_never_finishes_is_read_to_the_ca
     let cap: usize = CAP.parse().expect("cap");
     assert!(!excerpt.is_empty() && excerpt.len() <= cap, "the stored excerpt has {} bytes", excerpt.len());
     assert!(sent.starts_with(excerpt.as_bytes()), "the excerpt is the start of the body");
+}
+
+/// What an HTTP/1.1-only TLS receiver saw of one request: the ALPN protocol the handshake agreed
+/// on and the request line.
+type Http1Request = (Option<Vec<u8>>, String);
+
+/// A loopback HTTPS receiver with `tls`'s certificate that offers only `http/1.1` in ALPN and
+/// answers each request 200 over HTTP/1.1, recording what it saw.
+async fn http1_only_tls_receiver(
+    tls: &LoopbackTls,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Http1Request>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut acceptor = tls.acceptor();
+    let mut config = (**acceptor.config()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The acceptor's own type, built from the changed configuration.
+    acceptor = std::sync::Arc::new(config).into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, record) = (acceptor.clone(), record.clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else { return };
+                let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                // The head, then as much body as Content-Length says, then the answer.
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buffer[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while received.len() < head_end + length {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let request_line = head.lines().next().unwrap_or_default().to_owned();
+                record.lock().expect("record").push((alpn, request_line));
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_falls_back_to_http1_when_the_receiver_offers_only_http1() {
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let tls = LoopbackTls::generate().expect("loopback CA");
+    let (http1_address, http1_seen) = http1_only_tls_receiver(&tls).await;
+    let http2 = Receiver::start_tls(&tls, |_, _| Reply::status(200)).await;
+    let http1_hook =
+        webhook(&db, NewWebhook { url: format!("https://{http1_address}/h1"), ..Default::default() }).await;
+    let http2_hook = webhook(&db, NewWebhook { url: http2.url("/h2"), ..Default::default() }).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = tls.write_ca(dir.path()).expect("CA file");
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-alpn",
+        &[("HOOKFLEET_CA_CERTIFICATES", ca.to_str().expect("UTF-8 path"))],
+    );
+    let to_http1 = db.insert_delivery(http1_hook.webhook_id, r#"{"to":"h1"}"#).await;
+    let to_http2 = db.insert_delivery(http2_hook.webhook_id, r#"{"to":"h2"}"#).await;
+    for delivery_id in [to_http1, to_http2] {
+        let (_, retries, code, error) = db.wait_for_status(delivery_id, "delivered").await;
+        assert_eq!((retries, code, error), (0, Some(200), None));
+    }
+    let seen = http1_seen.lock().expect("record").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (alpn, request_line) = &seen[0];
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]), "the handshake agreed on HTTP/1.1");
+    assert_eq!(request_line, "POST /h1 HTTP/1.1", "an HTTP/1.1 request");
+    let requests = http2.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].version, http::Version::HTTP_2, "a receiver offering h2 gets HTTP/2");
 }
