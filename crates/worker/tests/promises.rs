@@ -9,6 +9,9 @@
 //!   over the cap that never finishes does not hold the attempt.
 //! - "Receivers behind a private CA": HTTPS receivers get HTTP/2 when they offer it (ALPN),
 //!   HTTP/1.1 otherwise.
+//! - "Rate limit": with 1 and with 5 workers a webhook receives at most its rate + 10 % over any
+//!   10 s window, and one worker alone uses the whole rate; a webhook with no rate columns gets
+//!   `RATE_LIMIT_RPS`'s default 10/s with a burst of half that.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -516,4 +519,96 @@ async fn https_falls_back_to_http1_when_the_receiver_offers_only_http1() {
     let requests = http2.requests();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].version, http::Version::HTTP_2, "a receiver offering h2 gets HTTP/2");
+}
+
+/// The most arrivals inside any window of `width` (windows start at an arrival).
+fn busiest_window(arrivals: &[Instant], width: Duration) -> usize {
+    (0..arrivals.len())
+        .map(|i| arrivals[i..].iter().take_while(|at| **at < arrivals[i] + width).count())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Arrival times of `rows` deliveries to a webhook of `rate` per second (its default burst, half
+/// the rate), through `workers` workers that are registered before the rows are inserted.
+async fn arrivals_at_rate(rate: f64, rows: usize, workers: usize) -> Vec<Instant> {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook =
+        webhook(&db, NewWebhook { url: receiver.url("/limited"), rate_limit_rps: Some(rate), ..Default::default() })
+            .await;
+    let fleet: Vec<WorkerProcess> =
+        (1..=workers).map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &[])).collect();
+    eventually(DEADLINE, "every worker registered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.workers").await as usize == workers).then_some(())
+    })
+    .await;
+    db.insert_deliveries(hook.webhook_id, rows as i64).await;
+    let mut arrivals: Vec<Instant> =
+        receiver.wait_for(rows, Duration::from_secs(60)).await.iter().map(|request| request.received_at).collect();
+    arrivals.sort();
+    eventually(Duration::from_secs(10), "every row delivered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await as usize
+            == rows)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(receiver.requests().len(), rows, "every row once");
+    assert_eq!(db.count("SELECT COALESCE(sum(retry_count), 0) FROM hookfleet.delivery_queue").await, 0, "no retries");
+    drop(fleet);
+    arrivals
+}
+
+/// The rate limit's contract with `workers` workers: 480 rows at 40/s, just over one 10 s window.
+async fn rate_limit_holds_with(workers: usize) {
+    const RATE: f64 = 40.0;
+    const ROWS: usize = 480;
+    let arrivals = arrivals_at_rate(RATE, ROWS, workers).await;
+    let span = arrivals[ROWS - 1].duration_since(arrivals[0]);
+    let busiest = busiest_window(&arrivals, Duration::from_secs(10));
+    let achieved = (ROWS - 1) as f64 / span.as_secs_f64();
+    eprintln!("{ROWS} rows at {RATE}/s, {workers} worker(s): {span:?}, {achieved:.1}/s, busiest 10 s window {busiest}");
+    assert!(span > Duration::from_secs(10), "the rows span more than one 10 s window: {span:?}");
+    assert!(busiest as f64 <= RATE * 10.0 * 1.1, "{busiest} requests inside 10 s at {RATE}/s with {workers} worker(s)");
+    assert!(achieved >= RATE * 0.8, "{workers} worker(s) used only {achieved:.1}/s of {RATE}/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_alone_uses_the_whole_rate_and_never_more() {
+    let _shared = GATE.read().await;
+    rate_limit_holds_with(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_workers_hold_a_webhook_to_its_fleet_wide_rate() {
+    let _shared = GATE.read().await;
+    rate_limit_holds_with(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_without_rate_columns_gets_the_default_10_per_second_and_a_burst_of_5() {
+    const ROWS: usize = 60;
+    const BURST: usize = 5;
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, NewWebhook { url: receiver.url("/defaults"), ..Default::default() }).await;
+    assert_eq!((hook.rate_limit_rps, hook.rate_limit_burst), (None, None), "no rate columns");
+    // An empty value is unset: the worker runs on the defaults, not the harness's 100,000/s.
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w-defaults", &[("RATE_LIMIT_RPS", "")]);
+    eventually(DEADLINE, "the worker registered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.workers").await == 1).then_some(())
+    })
+    .await;
+    db.insert_deliveries(hook.webhook_id, ROWS as i64).await;
+    let mut arrivals: Vec<Instant> =
+        receiver.wait_for(ROWS, Duration::from_secs(60)).await.iter().map(|request| request.received_at).collect();
+    arrivals.sort();
+    // At once means within 100 ms, in which a 10/s bucket earns at most one more token.
+    let at_once = busiest_window(&arrivals, Duration::from_millis(100));
+    let steady_span = arrivals[ROWS - 1].duration_since(arrivals[BURST - 1]);
+    let steady = (ROWS - BURST) as f64 / steady_span.as_secs_f64();
+    eprintln!("default rate: at most {at_once} requests within 100 ms, then {steady:.2}/s over {steady_span:?}");
+    assert!(at_once <= BURST + 1, "{at_once} requests at once: the default burst is half of 10/s");
+    assert!((8.0..=11.5).contains(&steady), "steady rate {steady:.2}/s, expected about 10/s");
 }
