@@ -369,7 +369,7 @@ async fn hookfleet_connect_timeout_ends_a_handshake_that_never_completes() {
 
 /// A loopback HTTP/1.1 server that answers each request `200` with a `Content-Length` of 100,000,
 /// sends the first `sent` bytes of that body and then stalls, keeping the connection open.
-async fn stalling_body_receiver(sent: &'static [u8]) -> std::net::SocketAddr {
+async fn stalling_body_receiver(sent: Vec<u8>) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
@@ -386,7 +386,7 @@ async fn stalling_body_receiver(sent: &'static [u8]) -> std::net::SocketAddr {
                 }
             }
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n").await;
-            let _ = stream.write_all(sent).await;
+            let _ = stream.write_all(&sent).await;
             let _ = stream.flush().await;
             held.push(stream);
         }
@@ -400,9 +400,8 @@ async fn a_body_over_the_response_body_cap_that_never_finishes_is_read_to_the_ca
     let _shared = GATE.read().await;
     let db = database().await;
     // 5,000 bytes sent of a promised 100,000, then silence: only a reader that stops at the cap ends.
-    let sent: &'static [u8] =
-        Box::leak((0..5_000).map(|n| b'a' + (n % 26) as u8).collect::<Vec<u8>>().into_boxed_slice());
-    let address = stalling_body_receiver(sent).await;
+    let sent: Vec<u8> = (0..5_000).map(|n| b'a' + (n % 26) as u8).collect();
+    let address = stalling_body_receiver(sent.clone()).await;
     let hook = webhook(&db, NewWebhook { url: format!("http://{address}/endless"), ..Default::default() }).await;
     let _worker = WorkerProcess::spawn(
         worker_binary(),
