@@ -88,6 +88,21 @@ fn sample_labels(exposition: &str, name: &str) -> Vec<BTreeSet<String>> {
         .collect()
 }
 
+/// The values label `label` takes in the samples of family `name`.
+fn label_values(exposition: &str, name: &str, label: &str) -> BTreeSet<String> {
+    let prefix = format!("{name}{{");
+    let key = format!("{label}=\"");
+    exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|labels| {
+            let start = labels.find(&key)? + key.len();
+            let value = &labels[start..];
+            Some(value[..value.find('"')?].to_owned())
+        })
+        .collect()
+}
+
 /// Waits until the worker's `/metrics` satisfies `check`; the exposition then. On timeout, the
 /// panic shows the last exposition, so a missing series is visible.
 async fn metrics_until(worker: &WorkerProcess, what: &str, check: impl Fn(&str) -> bool) -> String {
@@ -264,5 +279,12 @@ async fn every_readme_metric_is_exported_with_a_meaningful_value_and_no_other() 
             "/metrics exports {unnamed:?}, which README's \"Metrics and probes\" does not name"
         );
         assert!(exported.keys().any(|name| name.starts_with("process_")), "the process metrics are exported");
+        // The label values README lists: depth by `pending`, `in_flight`, `dead`; attempts by outcome.
+        assert_eq!(
+            label_values(exposition, "webhook_queue_depth", "status"),
+            BTreeSet::from(["dead", "in_flight", "pending"].map(str::to_owned))
+        );
+        let outcomes = label_values(exposition, "webhook_deliveries_total", "status");
+        assert_eq!(outcomes, BTreeSet::from(["dead", "delivered", "retry"].map(str::to_owned)));
     }
 }

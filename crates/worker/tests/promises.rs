@@ -7,6 +7,11 @@
 //!   `HTTP_TIMEOUT`.
 //! - "Timeouts": response bodies are read up to `HOOKFLEET_RESPONSE_BODY_CAP` and dropped: a body
 //!   over the cap that never finishes does not hold the attempt.
+//! - "Receivers behind a private CA": HTTPS receivers get HTTP/2 when they offer it (ALPN),
+//!   HTTP/1.1 otherwise.
+//! - "Rate limit": with 1 and with 5 workers a webhook receives at most its rate + 10 % over any
+//!   10 s window, and one worker alone uses the whole rate; a webhook with no rate columns gets
+//!   `RATE_LIMIT_RPS`'s default 10/s with a burst of half that.
 //!
 //! Tests that stop PostgreSQL take [`GATE`] exclusively; every other test of this binary holds it
 //! shared, so that no test meets an outage it did not cause.
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 use hookfleet_core::pg_embedded::EmbeddedPostgres;
 use hookfleet_core::webhooks::{NewWebhook, WebhookView};
 use hookfleet_test_support::{
-    cluster, database, eventually, metric_value, Receiver, Reply, TestDatabase, WorkerProcess,
+    cluster, database, eventually, metric_value, LoopbackTls, Receiver, Reply, TestDatabase, WorkerProcess,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -364,7 +369,7 @@ async fn hookfleet_connect_timeout_ends_a_handshake_that_never_completes() {
 
 /// A loopback HTTP/1.1 server that answers each request `200` with a `Content-Length` of 100,000,
 /// sends the first `sent` bytes of that body and then stalls, keeping the connection open.
-async fn stalling_body_receiver(sent: &'static [u8]) -> std::net::SocketAddr {
+async fn stalling_body_receiver(sent: Vec<u8>) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
@@ -381,7 +386,7 @@ async fn stalling_body_receiver(sent: &'static [u8]) -> std::net::SocketAddr {
                 }
             }
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n").await;
-            let _ = stream.write_all(sent).await;
+            let _ = stream.write_all(&sent).await;
             let _ = stream.flush().await;
             held.push(stream);
         }
@@ -395,9 +400,8 @@ async fn a_body_over_the_response_body_cap_that_never_finishes_is_read_to_the_ca
     let _shared = GATE.read().await;
     let db = database().await;
     // 5,000 bytes sent of a promised 100,000, then silence: only a reader that stops at the cap ends.
-    let sent: &'static [u8] =
-        Box::leak((0..5_000).map(|n| b'a' + (n % 26) as u8).collect::<Vec<u8>>().into_boxed_slice());
-    let address = stalling_body_receiver(sent).await;
+    let sent: Vec<u8> = (0..5_000).map(|n| b'a' + (n % 26) as u8).collect();
+    let address = stalling_body_receiver(sent.clone()).await;
     let hook = webhook(&db, NewWebhook { url: format!("http://{address}/endless"), ..Default::default() }).await;
     let _worker = WorkerProcess::spawn(
         worker_binary(),
@@ -419,4 +423,192 @@ async fn a_body_over_the_response_body_cap_that_never_finishes_is_read_to_the_ca
     let cap: usize = CAP.parse().expect("cap");
     assert!(!excerpt.is_empty() && excerpt.len() <= cap, "the stored excerpt has {} bytes", excerpt.len());
     assert!(sent.starts_with(excerpt.as_bytes()), "the excerpt is the start of the body");
+}
+
+/// What an HTTP/1.1-only TLS receiver saw of one request: the ALPN protocol the handshake agreed
+/// on and the request line.
+type Http1Request = (Option<Vec<u8>>, String);
+
+/// A loopback HTTPS receiver with `tls`'s certificate that offers only `http/1.1` in ALPN and
+/// answers each request 200 over HTTP/1.1, recording what it saw.
+async fn http1_only_tls_receiver(
+    tls: &LoopbackTls,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Http1Request>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut acceptor = tls.acceptor();
+    let mut config = (**acceptor.config()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The acceptor's own type, built from the changed configuration.
+    acceptor = std::sync::Arc::new(config).into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, record) = (acceptor.clone(), record.clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else { return };
+                let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                // The head, then as much body as Content-Length says, then the answer.
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(end) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buffer[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while received.len() < head_end + length {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let request_line = head.lines().next().unwrap_or_default().to_owned();
+                record.lock().expect("record").push((alpn, request_line));
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_falls_back_to_http1_when_the_receiver_offers_only_http1() {
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let tls = LoopbackTls::generate().expect("loopback CA");
+    let (http1_address, http1_seen) = http1_only_tls_receiver(&tls).await;
+    let http2 = Receiver::start_tls(&tls, |_, _| Reply::status(200)).await;
+    let http1_hook =
+        webhook(&db, NewWebhook { url: format!("https://{http1_address}/h1"), ..Default::default() }).await;
+    let http2_hook = webhook(&db, NewWebhook { url: http2.url("/h2"), ..Default::default() }).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = tls.write_ca(dir.path()).expect("CA file");
+    let _worker = WorkerProcess::spawn(
+        worker_binary(),
+        &db,
+        "w-alpn",
+        &[("HOOKFLEET_CA_CERTIFICATES", ca.to_str().expect("UTF-8 path"))],
+    );
+    let to_http1 = db.insert_delivery(http1_hook.webhook_id, r#"{"to":"h1"}"#).await;
+    let to_http2 = db.insert_delivery(http2_hook.webhook_id, r#"{"to":"h2"}"#).await;
+    for delivery_id in [to_http1, to_http2] {
+        let (_, retries, code, error) = db.wait_for_status(delivery_id, "delivered").await;
+        assert_eq!((retries, code, error), (0, Some(200), None));
+    }
+    let seen = http1_seen.lock().expect("record").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (alpn, request_line) = &seen[0];
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]), "the handshake agreed on HTTP/1.1");
+    assert_eq!(request_line, "POST /h1 HTTP/1.1", "an HTTP/1.1 request");
+    let requests = http2.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].version, http::Version::HTTP_2, "a receiver offering h2 gets HTTP/2");
+}
+
+/// The most arrivals inside any window of `width` (windows start at an arrival).
+fn busiest_window(arrivals: &[Instant], width: Duration) -> usize {
+    (0..arrivals.len())
+        .map(|i| arrivals[i..].iter().take_while(|at| **at < arrivals[i] + width).count())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Arrival times of `rows` deliveries to a webhook of `rate` per second (its default burst, half
+/// the rate), through `workers` workers that are registered before the rows are inserted.
+async fn arrivals_at_rate(rate: f64, rows: usize, workers: usize) -> Vec<Instant> {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook =
+        webhook(&db, NewWebhook { url: receiver.url("/limited"), rate_limit_rps: Some(rate), ..Default::default() })
+            .await;
+    let fleet: Vec<WorkerProcess> =
+        (1..=workers).map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &[])).collect();
+    eventually(DEADLINE, "every worker registered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.workers").await as usize == workers).then_some(())
+    })
+    .await;
+    db.insert_deliveries(hook.webhook_id, rows as i64).await;
+    let mut arrivals: Vec<Instant> =
+        receiver.wait_for(rows, Duration::from_secs(60)).await.iter().map(|request| request.received_at).collect();
+    arrivals.sort();
+    eventually(Duration::from_secs(10), "every row delivered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'delivered'").await as usize
+            == rows)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(receiver.requests().len(), rows, "every row once");
+    assert_eq!(db.count("SELECT COALESCE(sum(retry_count), 0) FROM hookfleet.delivery_queue").await, 0, "no retries");
+    drop(fleet);
+    arrivals
+}
+
+/// The rate limit's contract with `workers` workers: 480 rows at 40/s, just over one 10 s window.
+async fn rate_limit_holds_with(workers: usize) {
+    const RATE: f64 = 40.0;
+    const ROWS: usize = 480;
+    let arrivals = arrivals_at_rate(RATE, ROWS, workers).await;
+    let span = arrivals[ROWS - 1].duration_since(arrivals[0]);
+    let busiest = busiest_window(&arrivals, Duration::from_secs(10));
+    let achieved = (ROWS - 1) as f64 / span.as_secs_f64();
+    eprintln!("{ROWS} rows at {RATE}/s, {workers} worker(s): {span:?}, {achieved:.1}/s, busiest 10 s window {busiest}");
+    assert!(span > Duration::from_secs(10), "the rows span more than one 10 s window: {span:?}");
+    assert!(busiest as f64 <= RATE * 10.0 * 1.1, "{busiest} requests inside 10 s at {RATE}/s with {workers} worker(s)");
+    assert!(achieved >= RATE * 0.8, "{workers} worker(s) used only {achieved:.1}/s of {RATE}/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_alone_uses_the_whole_rate_and_never_more() {
+    let _shared = GATE.read().await;
+    rate_limit_holds_with(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_workers_hold_a_webhook_to_its_fleet_wide_rate() {
+    let _shared = GATE.read().await;
+    rate_limit_holds_with(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_without_rate_columns_gets_the_default_10_per_second_and_a_burst_of_5() {
+    const ROWS: usize = 60;
+    const BURST: usize = 5;
+    let _shared = GATE.read().await;
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    let hook = webhook(&db, NewWebhook { url: receiver.url("/defaults"), ..Default::default() }).await;
+    assert_eq!((hook.rate_limit_rps, hook.rate_limit_burst), (None, None), "no rate columns");
+    // An empty value is unset: the worker runs on the defaults, not the harness's 100,000/s.
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w-defaults", &[("RATE_LIMIT_RPS", "")]);
+    eventually(DEADLINE, "the worker registered", || async {
+        (db.count("SELECT count(*) FROM hookfleet.workers").await == 1).then_some(())
+    })
+    .await;
+    db.insert_deliveries(hook.webhook_id, ROWS as i64).await;
+    let mut arrivals: Vec<Instant> =
+        receiver.wait_for(ROWS, Duration::from_secs(60)).await.iter().map(|request| request.received_at).collect();
+    arrivals.sort();
+    // At once means within 50 ms, in which a 10/s bucket earns half a token; one more request is
+    // allowed for the jitter of arrivals.
+    let at_once = busiest_window(&arrivals, Duration::from_millis(50));
+    let steady_span = arrivals[ROWS - 1].duration_since(arrivals[BURST - 1]);
+    let steady = (ROWS - BURST) as f64 / steady_span.as_secs_f64();
+    eprintln!("default rate: at most {at_once} requests within 50 ms, then {steady:.2}/s over {steady_span:?}");
+    assert!(at_once <= BURST + 1, "{at_once} requests at once: the default burst is half of 10/s");
+    assert!((8.0..=11.5).contains(&steady), "steady rate {steady:.2}/s, expected about 10/s");
 }
