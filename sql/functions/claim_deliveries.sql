@@ -391,17 +391,22 @@ BEGIN
                     -- The lease starts now, not when the claim's transaction began: a claim that
                     -- waited (for the database, a lock, a long walk) must not hand out a lease
                     -- that is partly spent before the worker even sees the row.
-                    lease_until := clock_timestamp() + claim_deliveries.lease;
-                    RETURN QUERY
-                    UPDATE hookfleet.delivery_queue q
-                    SET delivery_status = 'in_flight',
-                        locked_by = claim_deliveries.worker_id,
-                        locked_until = lease_until
-                    WHERE q.delivery_id = ANY (ids)
-                    RETURNING q.delivery_id, q.webhook_id, versions[i], q.message_id, q.event_type,
-                              q.message_body::text, q.retry_count, COALESCE(q.max_retries, retries[i]),
-                              q.created_at, q.locked_until, probes[i], NULL::text;
-                    GET DIAGNOSTICS got = ROW_COUNT;
+                    -- A level with nothing due (or all of it locked) costs no UPDATE.
+                    IF cardinality(ids) = 0 THEN
+                        got := 0;
+                    ELSE
+                        lease_until := clock_timestamp() + claim_deliveries.lease;
+                        RETURN QUERY
+                        UPDATE hookfleet.delivery_queue q
+                        SET delivery_status = 'in_flight',
+                            locked_by = claim_deliveries.worker_id,
+                            locked_until = lease_until
+                        WHERE q.delivery_id = ANY (ids)
+                        RETURNING q.delivery_id, q.webhook_id, versions[i], q.message_id, q.event_type,
+                                  q.message_body::text, q.retry_count, COALESCE(q.max_retries, retries[i]),
+                                  q.created_at, q.locked_until, probes[i], NULL::text;
+                        GET DIAGNOSTICS got = ROW_COUNT;
+                    END IF;
                     taken[i] := taken[i] + got;
                     wanted := wanted - got;
                     taking := taking - got;
