@@ -20,6 +20,12 @@
 //!   that are never dropped (a `static` in the test harness) an optional watchdog process does
 //!   the same once the owning process has exited.
 //!
+//! `initdb` takes a good part of a second on a busy machine and every test binary starts a
+//! server, so the test harness starts from a cache instead
+//! ([`EmbeddedPostgres::start_from_initdb_cache`]): one data dir initialised per server build,
+//! initdb options and owner, made atomically (built aside, then renamed into place) and copied
+//! into each new cluster's temp dir. `hookfleet demo` and the benchmark keep a plain `initdb`.
+//!
 //! Everything here is blocking (`std::process`); async callers use `spawn_blocking`.
 
 use std::ffi::OsString;
@@ -55,6 +61,14 @@ const SOCKET_DIR: &str = "s";
 const LOG_FILE: &str = "server.log";
 /// How much of the server log an error carries.
 const LOG_TAIL_LINES: usize = 20;
+/// Every cluster is made with these (the data dir comes first, `-D <dir>`).
+const INITDB_ARGS: [&str; 7] = ["--no-sync", "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"];
+/// Raise when the cache's layout or what goes into its key changes: older entries are then
+/// simply never used again.
+const INITDB_CACHE_FORMAT: u32 = 1;
+/// In a cache entry, beside `data`: how many files and bytes `data` held when it was made, so
+/// that an entry a temp-dir cleaner has thinned out is noticed and replaced.
+const CACHE_MANIFEST: &str = "manifest";
 
 /// Stops the server and removes the temp dir once the owner process has exited.
 ///
@@ -186,14 +200,26 @@ impl EmbeddedPostgres {
     /// Creates a fresh cluster (`initdb`), starts `postgres` with `options` and waits (up to
     /// 30 s) until it accepts connections. Blocking: call it from `spawn_blocking` in async code.
     pub fn start(options: EmbeddedOptions) -> Result<Self, EmbeddedError> {
-        Self::start_on_port(options, DEFAULT_PORT)
+        Self::start_on_port(options, DEFAULT_PORT, DataSource::Initdb)
     }
 
-    fn start_on_port(options: EmbeddedOptions, port: u16) -> Result<Self, EmbeddedError> {
+    /// [`EmbeddedPostgres::start`], but the new cluster is a copy of a data dir that `initdb`
+    /// made once for this server build, these options and this owner, cached in the temp dir
+    /// (`hookfleet-initdb-cache-<uid>`); `initdb` runs only when there is no such copy yet (or
+    /// it was damaged). Each call still gets a cluster of its own (every copy shares the
+    /// system identifier, which nothing here uses). When the cache cannot be used at all it
+    /// falls back to `initdb` and logs why. For the test harness, which starts a server per
+    /// test binary.
+    pub fn start_from_initdb_cache(options: EmbeddedOptions) -> Result<Self, EmbeddedError> {
+        Self::start_on_port(options, DEFAULT_PORT, DataSource::Cache { root: None })
+    }
+
+    fn start_on_port(options: EmbeddedOptions, port: u16, source: DataSource) -> Result<Self, EmbeddedError> {
         let started = Instant::now();
         let bindir = Self::find_bindir()?;
         let run_as = server_user()?;
-        let root_dir = create_root_dir(&temp_base(port, run_as.is_some()))?;
+        let base = temp_base(port, run_as.is_some());
+        let root_dir = create_root_dir(&base)?;
         // From here on every early return drops `server`, which removes the temp dir again.
         let mut server = EmbeddedPostgres {
             bindir,
@@ -212,12 +238,30 @@ impl EmbeddedPostgres {
         if let Some(owner) = options.stop_when_process_exits {
             server.watchdog = Some(spawn_watchdog(owner, &server.root_dir, &server.data_dir)?);
         }
+        let copied = match source {
+            DataSource::Initdb => false,
+            DataSource::Cache { root } => {
+                let root = root.unwrap_or_else(|| base.join(format!("hookfleet-initdb-cache-{}", effective_uid())));
+                match InitdbCache::new(root, &server.bindir, run_as).and_then(|cache| cache.copy_into(&server.data_dir))
+                {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, "initdb cache unusable; running initdb");
+                        remove_if_present(&server.data_dir)?;
+                        false
+                    }
+                }
+            }
+        };
         server.prepare_root_dir()?;
-        server.initdb()?;
+        if !copied {
+            server.initdb()?;
+        }
         server.launch()?;
         tracing::debug!(
             socket_dir = %server.socket_dir.display(),
             port,
+            from_cache = copied,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "embedded PostgreSQL started"
         );
@@ -278,13 +322,7 @@ impl EmbeddedPostgres {
     /// A command for one of the server binaries, run as the server user with the temp dir as
     /// its cwd (postgres must be able to read its cwd, and ours may be root-only).
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bindir.join(program));
-        command.current_dir(&self.root_dir).stdin(Stdio::null());
-        if let Some(run_as) = self.run_as {
-            // std also drops root's supplementary groups when uid is set from root.
-            command.uid(run_as.uid).gid(run_as.gid);
-        }
-        command
+        server_command(&self.bindir, self.run_as, &self.root_dir, program)
     }
 
     /// Makes the socket dir and the log file, then hands the whole tree to the server user.
@@ -305,27 +343,7 @@ impl EmbeddedPostgres {
     }
 
     fn initdb(&self) -> Result<(), EmbeddedError> {
-        let mut command = self.command("initdb");
-        command.arg("-D").arg(&self.data_dir).args([
-            "--no-sync",
-            "-U",
-            SUPERUSER,
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]);
-        let output = command.output().map_err(io_error(format!("run {}", self.bindir.join("initdb").display())))?;
-        if output.status.success() {
-            return Ok(());
-        }
-        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&output.stderr));
-        Err(EmbeddedError::CommandFailed {
-            command: format!("initdb -D {}", self.data_dir.display()),
-            status: output.status,
-            output: text.trim().to_owned(),
-        })
+        run_initdb(&self.bindir, self.run_as, &self.root_dir, &self.data_dir)
     }
 
     /// Spawns `postgres` (output appended to the log file) and waits until it is ready.
@@ -411,6 +429,294 @@ impl Drop for EmbeddedPostgres {
             let _ = watchdog.wait();
         }
     }
+}
+
+/// Where a new cluster's data dir comes from.
+enum DataSource {
+    /// `initdb`, every time.
+    Initdb,
+    /// A copy from the initdb cache under `root` (`None`: the default place in the temp dir).
+    Cache { root: Option<PathBuf> },
+}
+
+/// `program` from `bindir`, run as `run_as` (when we are root) in `cwd`, which that user must be
+/// able to read.
+fn server_command(bindir: &Path, run_as: Option<RunAs>, cwd: &Path, program: &str) -> Command {
+    let mut command = Command::new(bindir.join(program));
+    command.current_dir(cwd).stdin(Stdio::null());
+    if let Some(run_as) = run_as {
+        // std also drops root's supplementary groups when uid is set from root.
+        command.uid(run_as.uid).gid(run_as.gid);
+    }
+    command
+}
+
+/// `initdb -D data_dir` with [`INITDB_ARGS`]; `cwd` and the parent of `data_dir` must belong to
+/// `run_as` when it is set.
+fn run_initdb(bindir: &Path, run_as: Option<RunAs>, cwd: &Path, data_dir: &Path) -> Result<(), EmbeddedError> {
+    let mut command = server_command(bindir, run_as, cwd, "initdb");
+    command.arg("-D").arg(data_dir).args(INITDB_ARGS);
+    let output = command.output().map_err(io_error(format!("run {}", bindir.join("initdb").display())))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Err(EmbeddedError::CommandFailed {
+        command: format!("initdb -D {}", data_dir.display()),
+        status: output.status,
+        output: text.trim().to_owned(),
+    })
+}
+
+/// Our effective uid (`id -u`), or `u32::MAX` if it cannot be told (the cache then lives under
+/// a name no real user has, checked like any other).
+fn effective_uid() -> u32 {
+    run_id(&["-u"]).ok().flatten().unwrap_or(u32::MAX)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), EmbeddedError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(io_error(format!("remove {}", path.display()))(error)),
+    }
+}
+
+/// Initialised data dirs, one per [`InitdbCache::key`], under a folder of our own.
+///
+/// An entry is `<root>/<key>/` holding `data/` (a cluster `initdb` made and nobody ever started)
+/// and [`CACHE_MANIFEST`]. It is built in `<root>/building-<pid>-<n>/` and renamed into place
+/// whole, so a reader sees either no entry or a complete one; when two processes build at once,
+/// the first rename wins and the other discards its copy. Nothing but `rename` ever changes an
+/// entry, so readers need no lock.
+struct InitdbCache {
+    root: PathBuf,
+    bindir: PathBuf,
+    run_as: Option<RunAs>,
+    entry: PathBuf,
+}
+
+/// What [`CACHE_MANIFEST`] records: files (and symlinks) and their bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TreeSize {
+    files: u64,
+    bytes: u64,
+}
+
+impl InitdbCache {
+    /// Opens (creating it if needed) the cache folder `root`, which must be ours and writable by
+    /// nobody else (it sits in a shared temp dir, and what it holds becomes a superuser's
+    /// cluster).
+    fn new(root: PathBuf, bindir: &Path, run_as: Option<RunAs>) -> Result<Self, EmbeddedError> {
+        // As root, the server user builds entries inside it, so it must be able to pass through.
+        let mode = if run_as.is_some() { 0o711 } else { 0o700 };
+        match fs::DirBuilder::new().mode(mode).create(&root) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(io_error(format!("create {}", root.display()))(error)),
+        }
+        let metadata = fs::symlink_metadata(&root).map_err(io_error(format!("inspect {}", root.display())))?;
+        let ours = std::os::unix::fs::MetadataExt::uid(&metadata) == effective_uid();
+        if !metadata.is_dir() || !ours || metadata.permissions().mode() & 0o022 != 0 {
+            return Err(EmbeddedError::Io {
+                action: format!("use the initdb cache {}", root.display()),
+                source: io::Error::other("it is not a directory of ours that only we can write; remove it"),
+            });
+        }
+        let entry = root.join(Self::key(bindir, run_as)?);
+        Ok(InitdbCache { root, bindir: bindir.to_owned(), run_as, entry })
+    }
+
+    /// Names everything that changes what `initdb` writes: the server build (its version line,
+    /// and the size and modification time of `initdb` and `postgres`), the options, the owner,
+    /// and `TZ` (initdb writes the time zone into postgresql.conf). As
+    /// `pg<major>-<64-bit FNV-1a hash>`.
+    fn key(bindir: &Path, run_as: Option<RunAs>) -> Result<String, EmbeddedError> {
+        let postgres = bindir.join("postgres");
+        let output = Command::new(&postgres)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_error(format!("run {} --version", postgres.display())))?;
+        let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let mut described = format!(
+            "format {INITDB_CACHE_FORMAT}\n{version}\n{}\n{INITDB_ARGS:?}\n{:?}\nTZ={:?}\n",
+            bindir.display(),
+            run_as.map(|run_as| (run_as.uid, run_as.gid)),
+            std::env::var_os("TZ"),
+        );
+        for program in ["initdb", "postgres"] {
+            let path = bindir.join(program);
+            let metadata = fs::metadata(&path).map_err(io_error(format!("inspect {}", path.display())))?;
+            let modified = metadata.modified().ok().and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok());
+            described.push_str(&format!("{program} {} {modified:?}\n", metadata.len()));
+        }
+        let major: String = version
+            .rsplit(' ')
+            .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+            .and_then(|number| number.split('.').next())
+            .unwrap_or("unknown")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        Ok(format!("pg{major}-{:016x}", fnv1a(described.as_bytes())))
+    }
+
+    /// Copies the entry's data dir to `data_dir` (which must not exist), building the entry
+    /// first if there is none, and again once if the copy finds it damaged.
+    fn copy_into(&self, data_dir: &Path) -> Result<(), EmbeddedError> {
+        if !self.entry.exists() {
+            self.build()?;
+        }
+        match self.try_copy(data_dir)? {
+            true => Ok(()),
+            false => {
+                tracing::warn!(entry = %self.entry.display(), "initdb cache entry damaged; rebuilding it");
+                remove_if_present(data_dir)?;
+                self.discard_entry()?;
+                self.build()?;
+                if self.try_copy(data_dir)? {
+                    Ok(())
+                } else {
+                    Err(EmbeddedError::Io {
+                        action: format!("copy the initdb cache entry {}", self.entry.display()),
+                        source: io::Error::other("the entry changed while it was copied"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Copies; false when the copy does not match the entry's manifest (files were removed).
+    fn try_copy(&self, data_dir: &Path) -> Result<bool, EmbeddedError> {
+        let manifest_path = self.entry.join(CACHE_MANIFEST);
+        let manifest = fs::read_to_string(&manifest_path).ok().and_then(|text| TreeSize::parse(&text));
+        let Some(expected) = manifest else {
+            return Ok(false);
+        };
+        let mut copied = TreeSize::default();
+        match copy_tree(&self.entry.join(DATA_DIR), data_dir, &mut copied) {
+            Ok(()) => Ok(copied == expected),
+            // Removed under us (a temp-dir cleaner, or a process replacing a damaged entry).
+            Err(EmbeddedError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Runs `initdb` in a building dir of our own and renames it into place; a concurrent
+    /// builder's entry, if it got there first, is kept and ours removed.
+    fn build(&self) -> Result<(), EmbeddedError> {
+        let building = create_named_dir(&self.root, "building")?;
+        let result = (|| {
+            if let Some(run_as) = self.run_as {
+                chown_tree(&building, run_as)?;
+            }
+            let data_dir = building.join(DATA_DIR);
+            run_initdb(&self.bindir, self.run_as, &building, &data_dir)?;
+            let mut size = TreeSize::default();
+            measure_tree(&data_dir, &mut size)?;
+            let manifest = building.join(CACHE_MANIFEST);
+            fs::write(&manifest, size.to_text()).map_err(io_error(format!("write {}", manifest.display())))?;
+            match fs::rename(&building, &self.entry) {
+                Ok(()) => Ok(()),
+                // Another process renamed its entry into place first: use that one.
+                Err(_) if self.entry.join(CACHE_MANIFEST).exists() => Ok(()),
+                Err(error) => Err(io_error(format!("rename {} into place", building.display()))(error)),
+            }
+        })();
+        // Gone when the rename succeeded; ours to clean otherwise.
+        remove_if_present(&building)?;
+        result
+    }
+
+    /// Moves a damaged entry aside (one rename, so no reader sees it half removed) and removes it.
+    fn discard_entry(&self) -> Result<(), EmbeddedError> {
+        let discarded = create_named_dir(&self.root, "discarded")?;
+        let moved = discarded.join("entry");
+        match fs::rename(&self.entry, &moved) {
+            Ok(()) => {}
+            // Someone else discarded it already.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error(format!("move {} aside", self.entry.display()))(error)),
+        }
+        remove_if_present(&discarded)
+    }
+}
+
+impl TreeSize {
+    fn to_text(&self) -> String {
+        format!("files {}\nbytes {}\n", self.files, self.bytes)
+    }
+
+    fn parse(text: &str) -> Option<TreeSize> {
+        let mut lines = text.lines();
+        let files = lines.next()?.strip_prefix("files ")?.parse().ok()?;
+        let bytes = lines.next()?.strip_prefix("bytes ")?.parse().ok()?;
+        Some(TreeSize { files, bytes })
+    }
+}
+
+/// 64-bit FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases, and the
+/// cache outlives a build).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Creates a fresh `<prefix>-<pid>-<n>` dir (mode 0700) in `parent`.
+fn create_named_dir(parent: &Path, prefix: &str) -> Result<PathBuf, EmbeddedError> {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        let dir = parent.join(format!("{prefix}-{}-{n}", std::process::id()));
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(error) => return Err(io_error(format!("create {}", dir.display()))(error)),
+        }
+    }
+}
+
+/// Copies the tree at `from` to `to` (which must not exist): folders made 0700 (PostgreSQL's
+/// own mode for a data dir and what it holds), files with their permission bits, symlinks as
+/// symlinks. Counts what it copied into `size`. Ownership is the caller's (`chown_tree`).
+fn copy_tree(from: &Path, to: &Path, size: &mut TreeSize) -> Result<(), EmbeddedError> {
+    fs::DirBuilder::new().mode(0o700).create(to).map_err(io_error(format!("create {}", to.display())))?;
+    let entries = fs::read_dir(from).map_err(io_error(format!("list {}", from.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_error(format!("list {}", from.display())))?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().map_err(io_error(format!("inspect {}", source.display())))?;
+        if kind.is_dir() {
+            copy_tree(&source, &target, size)?;
+        } else if kind.is_symlink() {
+            let link = fs::read_link(&source).map_err(io_error(format!("read {}", source.display())))?;
+            std::os::unix::fs::symlink(&link, &target).map_err(io_error(format!("link {}", target.display())))?;
+            size.files += 1;
+        } else {
+            size.bytes += fs::copy(&source, &target).map_err(io_error(format!("copy {}", source.display())))?;
+            size.files += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Counts files (and symlinks) and their bytes under `dir`, as `copy_tree` does.
+fn measure_tree(dir: &Path, size: &mut TreeSize) -> Result<(), EmbeddedError> {
+    let entries = fs::read_dir(dir).map_err(io_error(format!("list {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_error(format!("list {}", dir.display())))?;
+        let kind = entry.file_type().map_err(io_error(format!("inspect {}", entry.path().display())))?;
+        if kind.is_dir() {
+            measure_tree(&entry.path(), size)?;
+        } else {
+            size.files += 1;
+            if !kind.is_symlink() {
+                size.bytes += entry.metadata().map_err(io_error(format!("inspect {}", entry.path().display())))?.len();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `-c name=value` settings for `options`, durability first so the caller can override it.
@@ -844,6 +1150,162 @@ mod tests {
         tokio::task::spawn_blocking(move || drop(server)).await.expect("join drop");
         assert!(!root_dir.exists(), "{} left behind", root_dir.display());
         assert!(!process_alive(pid), "postmaster {pid} still running");
+    }
+
+    /// A cache folder of its own for one test (removed on drop), where the cache would go.
+    struct TestCache(PathBuf);
+
+    impl TestCache {
+        fn new() -> Self {
+            static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+            let root = temp_base(DEFAULT_PORT, server_user().expect("id").is_some()).join(format!(
+                "hookfleet-initdb-cache-test-{}-{}",
+                std::process::id(),
+                SEQUENCE.fetch_add(1, Ordering::Relaxed)
+            ));
+            TestCache(root)
+        }
+
+        async fn start(&self) -> EmbeddedPostgres {
+            let root = self.0.clone();
+            tokio::task::spawn_blocking(move || {
+                EmbeddedPostgres::start_on_port(
+                    EmbeddedOptions::default(),
+                    DEFAULT_PORT,
+                    DataSource::Cache { root: Some(root) },
+                )
+            })
+            .await
+            .expect("join start")
+            .expect("start from the initdb cache")
+        }
+
+        /// The cache's entries and anything else in its folder.
+        fn contents(&self) -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(&self.0)
+                .expect("cache folder")
+                .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        }
+
+        fn entry(&self) -> PathBuf {
+            let names = self.contents();
+            assert_eq!(names.len(), 1, "one entry and nothing left over: {names:?}");
+            self.0.join(&names[0])
+        }
+    }
+
+    impl Drop for TestCache {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn system_identifier(server: &EmbeddedPostgres) -> i64 {
+        connect(server, "postgres")
+            .await
+            .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+            .await
+            .expect("pg_control_system")
+            .get(0)
+    }
+
+    /// Each start gets a cluster of its own, copied from the one `initdb` made (same system
+    /// identifier, unlike a plain start's), 0700 and owned by the server user.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn starts_from_the_initdb_cache_copy_one_initdb_into_clusters_of_their_own() {
+        let cache = TestCache::new();
+        let first = cache.start().await;
+        let entry = cache.entry();
+        assert!(entry.file_name().expect("name").to_string_lossy().starts_with("pg"), "{}", entry.display());
+        let second = cache.start().await;
+        assert_eq!(cache.entry(), entry, "the second start used the first one's entry");
+        let plain = start(EmbeddedOptions::default()).await;
+
+        let (a, b) = (system_identifier(&first).await, system_identifier(&second).await);
+        assert_eq!(a, b, "both are copies of one initdb");
+        assert_ne!(a, system_identifier(&plain).await, "a plain start runs initdb");
+        connect(&first, "postgres").await.batch_execute("CREATE TABLE only_in_first (id int)").await.expect("create");
+        let missing = connect(&second, "postgres").await.query_one("SELECT 'only_in_first'::regclass::text", &[]).await;
+        assert!(missing.is_err(), "the copies are separate clusters");
+        assert!(connect(&first, "postgres")
+            .await
+            .query_one("SELECT 'only_in_first'::regclass::text", &[])
+            .await
+            .is_ok());
+
+        let expected_owner = server_user().expect("id").map(|run_as| run_as.uid);
+        for server in [&first, &second] {
+            let metadata = fs::metadata(&server.data_dir).expect("data dir");
+            assert_eq!(metadata.permissions().mode() & 0o777, 0o700);
+            let control = fs::metadata(server.data_dir.join("global/pg_control")).expect("pg_control");
+            if let Some(uid) = expected_owner {
+                use std::os::unix::fs::MetadataExt;
+                assert_eq!((metadata.uid(), control.uid()), (uid, uid), "owned by the server user");
+            }
+        }
+        // The entry is never started: no server files in it.
+        assert!(!entry.join(DATA_DIR).join("postmaster.pid").exists());
+        assert!(!entry.join(DATA_DIR).join("postmaster.opts").exists());
+    }
+
+    /// A cache entry a temp-dir cleaner thinned out is noticed, replaced, and the start works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_initdb_cache_entry_is_rebuilt() {
+        let cache = TestCache::new();
+        drop(cache.start().await);
+        let entry = cache.entry();
+        let control = entry.join(DATA_DIR).join("global/pg_control");
+        fs::remove_file(&control).expect("damage the entry");
+        let server = cache.start().await;
+        assert_eq!(cache.entry(), entry);
+        assert!(control.exists(), "rebuilt");
+        let one: i32 = connect(&server, "postgres").await.query_one("SELECT 1", &[]).await.expect("query").get(0);
+        assert_eq!(one, 1);
+        let next = cache.start().await;
+        assert_eq!(system_identifier(&server).await, system_identifier(&next).await, "copied from the rebuilt entry");
+    }
+
+    /// Test binaries start at the same moment: the first builds race, one entry wins, all start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_starts_from_the_initdb_cache_all_work_and_leave_one_entry() {
+        let cache = TestCache::new();
+        let (a, b, c) = tokio::join!(cache.start(), cache.start(), cache.start());
+        let _entry = cache.entry();
+        let identifiers = [system_identifier(&a).await, system_identifier(&b).await, system_identifier(&c).await];
+        assert!(identifiers.iter().all(|id| *id == identifiers[0]), "all copies of the winning entry: {identifiers:?}");
+    }
+
+    /// The cache sits in a shared temp dir and becomes a superuser's cluster: a folder that
+    /// others may write is refused, and the start falls back to initdb.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_initdb_cache_folder_others_may_write_is_not_used() {
+        let cache = TestCache::new();
+        fs::DirBuilder::new().mode(0o777).create(&cache.0).expect("create");
+        fs::set_permissions(&cache.0, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let refused = InitdbCache::new(cache.0.clone(), &EmbeddedPostgres::find_bindir().expect("bindir"), None);
+        assert!(refused.is_err());
+        let server = cache.start().await;
+        assert!(cache.contents().is_empty(), "nothing was built in it: {:?}", cache.contents());
+        let one: i32 = connect(&server, "postgres").await.query_one("SELECT 1", &[]).await.expect("query").get(0);
+        assert_eq!(one, 1);
+    }
+
+    #[test]
+    fn the_initdb_cache_key_names_the_major_version_and_changes_with_the_owner() {
+        let bindir = EmbeddedPostgres::find_bindir().expect("bindir");
+        let as_self = InitdbCache::key(&bindir, None).expect("key");
+        let as_other = InitdbCache::key(&bindir, Some(RunAs { uid: 4242, gid: 4242 })).expect("key");
+        assert_ne!(as_self, as_other);
+        assert_eq!(as_self, InitdbCache::key(&bindir, None).expect("key"), "stable");
+        let major = bindir.parent().and_then(Path::file_name).map(|name| name.to_string_lossy().into_owned());
+        if let Some(major) = major.filter(|name| name.chars().all(|c| c.is_ascii_digit())) {
+            assert!(as_self.starts_with(&format!("pg{major}-")), "{as_self}");
+        }
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[tokio::test]

@@ -91,8 +91,8 @@ fn start_cluster() -> Cluster {
                 settings: vec![("max_connections".into(), "300".into())],
                 ..EmbeddedOptions::default()
             };
-            let server =
-                EmbeddedPostgres::start(options).unwrap_or_else(|error| panic!("cannot start PostgreSQL: {error}"));
+            let server = EmbeddedPostgres::start_from_initdb_cache(options)
+                .unwrap_or_else(|error| panic!("cannot start PostgreSQL: {error}"));
             let target =
                 ConnectionTarget::Embedded { socket_dir: server.socket_dir().to_path_buf(), port: server.port() };
             (Some(Mutex::new(server)), target)
