@@ -59,6 +59,12 @@ BEGIN
 END
 $$;
 
+-- What a claim costs: a fixed number of set-based statements for the webhooks it looks at
+-- (the window, their settings, their limiter rows, the rows to take, the marking, the charge),
+-- whatever their number, plus one short index descent per webhook only where a webhook's rows
+-- lie outside the window (the walk of phase 2 and a top-up). A claim that takes one row from
+-- each of 100 webhooks runs the same nine statements as one that takes 100 rows of one webhook;
+-- it used to run about eight statements per webhook (crates/bench, bench/README.md).
 CREATE OR REPLACE FUNCTION hookfleet.claim_deliveries(
     worker_id text,
     batch_size integer,
@@ -90,373 +96,472 @@ SET enable_bitmapscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
-    now_at     timestamptz := now();
-    now_s      double precision := extract(epoch FROM now());
-    hook       record;
-    health     record;
-    rps        double precision;
-    burst      integer;
-    step       double precision;
-    tau        double precision;
-    tat        double precision;
-    tokens     bigint;
-    room       integer;
-    in_flight  integer;
-    allowance  integer;
-    bound      text;
-    is_probe   boolean;
-    taking     integer;
-    got        integer;
-    share      integer;
-    wanted     integer := batch_size;
-    -- Per webhook that may send: id, allowance, rows taken, GCRA step and tau (NULL: no rate),
-    -- bucket time read, probe flag, and the limit that bounded its allowance.
-    hooks      bigint[] := '{}';
-    levels     smallint[] := '{}';
-    versions   bigint[] := '{}';
-    retries    integer[] := '{}';
-    ids        bigint[];
-    allowed    integer[] := '{}';
-    taken      integer[] := '{}';
-    steps      double precision[] := '{}';
-    taus       double precision[] := '{}';
-    tats       double precision[] := '{}';
-    probes     boolean[] := '{}';
-    bounds     text[] := '{}';
-    i          integer;
-    pass       integer;
-    phase      integer;
-    first_new  integer;
-    candidates refcursor;
-    seen       bigint[] := '{}';
-    window_rows bigint := 0;
-    prepaid    boolean;
-    decided    boolean;
-    prepaids   boolean[] := '{}';
-    allowed_at_start integer[] := '{}';
-    level      smallint;
-    lease_until timestamptz;
+    now_at       timestamptz := now();
+    now_s        double precision;
+    wanted       integer := batch_size;
+    phase        integer;
+    window_full  boolean := false;
+    window_count bigint;
+    -- Phase 1's window: its due rows in claim order, and the webhook of each.
+    w_ids        bigint[];
+    w_hooks      bigint[];
+    -- The webhooks a phase looks at, in claim order (phase 2: webhook order), with the highest
+    -- priority level they have due rows at.
+    p_ids        bigint[];
+    p_levels     smallint[];
+    seen         bigint[] := '{}';
+    -- Those that may send, from one read of their settings (c_*), in the same order. c_kinds:
+    -- take (worth locking), busy (this worker's cap) or rate_limit (no token by that read).
+    c_ids        bigint[];
+    c_levels     smallint[];
+    c_versions   bigint[];
+    c_retries    integer[];
+    c_rooms      integer[];
+    c_steps      double precision[];
+    c_taus       double precision[];
+    c_mifs       integer[];
+    c_kinds      text[];
+    c_untils     timestamptz[];
+    c_buckets    boolean[];
+    takeable     integer;
+    -- Those whose limiter row this claim holds (l_*: index into c_*, fresh reads under the lock)
+    -- and what each may take (a_*).
+    l_ci         integer[];
+    l_ids        bigint[];
+    l_tats       double precision[];
+    l_states     text[];
+    l_open       timestamptz[];
+    l_probe      timestamptz[];
+    l_in_flight  bigint[];
+    a_allow      integer[];
+    a_taken      integer[];
+    a_bound      text[];
+    a_probe      boolean[];
+    -- Report rows: webhooks held back, and why.
+    h_ids        bigint[] := '{}';
+    h_reasons    text[] := '{}';
+    h_untils     timestamptz[] := '{}';
+    last_reached integer;
+    chosen       bigint[];
+    ids          bigint[];
+    id_hooks     bigint[];
+    charges      double precision[];
+    ci           integer;
+    j            integer;
+    pass         integer;
+    share        integer;
+    taking       integer;
+    got          integer;
+    tokens       double precision;
+    allowance    integer;
+    bound        text;
+    health       record;
+    level        smallint;
+    lease_until  timestamptz;
 BEGIN
     IF wanted IS NULL OR wanted <= 0 THEN
         RETURN;
     END IF;
     FOR phase IN 1 .. 2 LOOP
-        first_new := cardinality(hooks) + 1;
         IF phase = 1 THEN
-            -- The webhooks among the first 4 batches of due rows in claim order (priority DESC,
-            -- next_attempt_at, delivery_id): one short walk of delivery_queue_due_idx.
-            OPEN candidates FOR
-            WITH pending_hooks(webhook_id, level, window_rows) AS (
-                SELECT h.webhook_id, max(h.priority), sum(count(*)) OVER ()
-                FROM (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
-                      -- retry_count >= 0 holds for every row; it is how this walk, and no
-                      -- statement about one webhook, matches delivery_queue_due_idx (V0014).
-                      WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now_at
-                      ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
-                      LIMIT batch_size * 4) h
-                GROUP BY h.webhook_id
+            -- The first 4 batches of due rows in claim order (priority DESC, next_attempt_at,
+            -- delivery_id): one short walk of delivery_queue_due_idx. retry_count >= 0 holds for
+            -- every row; it is how this walk, and no statement about one webhook, matches
+            -- delivery_queue_due_idx (V0014).
+            WITH claim_window AS (
+                SELECT q.delivery_id, q.webhook_id, q.priority
+                FROM hookfleet.delivery_queue q
+                WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now_at
+                ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
+                LIMIT batch_size * 4
+            ), numbered AS (
+                SELECT cw.delivery_id, cw.webhook_id, cw.priority, row_number() OVER () AS ord FROM claim_window cw
+            ), hooks AS (
+                SELECT n.webhook_id, min(n.ord) AS first, max(n.priority) AS level FROM numbered n GROUP BY n.webhook_id
             )
-            -- Disabled webhooks stay in this list (and are skipped below) so that the window is
-            -- counted even when it holds nothing else.
-            SELECT w.webhook_id, w.enabled, w.version, w.max_retries, p.level, p.window_rows, w.rate_limit_rps, w.rate_limit_burst,
-                   w.max_in_flight, COALESCE(h.circuit_state, 'closed') AS circuit_state, h.circuit_open_until,
-                   h.circuit_probe_until, r.tat, r.webhook_id IS NOT NULL AS has_bucket
-            FROM pending_hooks p
-            JOIN hookfleet.webhooks w ON w.webhook_id = p.webhook_id
-            LEFT JOIN hookfleet.webhook_health_metrics h ON h.webhook_id = p.webhook_id
-            LEFT JOIN hookfleet.webhook_rate_limits r ON r.webhook_id = p.webhook_id
-            ORDER BY w.webhook_id;
+            SELECT (SELECT array_agg(n.delivery_id ORDER BY n.ord) FROM numbered n),
+                   (SELECT array_agg(n.webhook_id ORDER BY n.ord) FROM numbered n),
+                   (SELECT array_agg(h.webhook_id ORDER BY h.first) FROM hooks h),
+                   (SELECT array_agg(h.level ORDER BY h.first) FROM hooks h),
+                   (SELECT count(*) FROM numbered)
+            INTO w_ids, w_hooks, p_ids, p_levels, window_count;
+            window_full := window_count >= batch_size * 4;
+            seen := COALESCE(p_ids, '{}');
         ELSE
             -- That window could not fill the batch and there may be more due rows past it (behind
-            -- backlogs that are held back): visit every other webhook with pending rows, one
+            -- backlogs that are held back): visit every other enabled webhook with due rows, one
             -- descent of delivery_queue_webhook_due_idx each, so a held-back backlog of any size
             -- never hides another webhook's rows.
-            EXIT WHEN wanted <= 0 OR window_rows < batch_size * 4;
-            OPEN candidates FOR
-            WITH RECURSIVE pending_hooks(webhook_id, level) AS (
-                (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
-                 WHERE q.delivery_status = 'pending' ORDER BY q.webhook_id, q.priority DESC LIMIT 1)
-                UNION ALL
-                SELECT n.webhook_id, n.priority
-                FROM pending_hooks p,
-                     LATERAL (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
-                              WHERE q.delivery_status = 'pending' AND q.webhook_id > p.webhook_id
-                              ORDER BY q.webhook_id, q.priority DESC LIMIT 1) n
-            )
-            SELECT w.webhook_id, w.enabled, w.version, w.max_retries, p.level, NULL::bigint AS window_rows, w.rate_limit_rps, w.rate_limit_burst,
-                   w.max_in_flight, COALESCE(h.circuit_state, 'closed') AS circuit_state, h.circuit_open_until,
-                   h.circuit_probe_until, r.tat, r.webhook_id IS NOT NULL AS has_bucket
-            FROM pending_hooks p
-            JOIN hookfleet.webhooks w ON w.webhook_id = p.webhook_id
-            LEFT JOIN hookfleet.webhook_health_metrics h ON h.webhook_id = p.webhook_id
-            LEFT JOIN hookfleet.webhook_rate_limits r ON r.webhook_id = p.webhook_id
-            WHERE w.enabled AND w.webhook_id <> ALL (seen)
-            ORDER BY w.webhook_id;
+            EXIT WHEN wanted <= 0 OR NOT window_full;
+            SELECT array_agg(s.webhook_id ORDER BY s.webhook_id), array_agg(s.level ORDER BY s.webhook_id)
+            INTO p_ids, p_levels
+            FROM (
+                WITH RECURSIVE pending_hooks(webhook_id, level) AS (
+                    (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
+                     WHERE q.delivery_status = 'pending' ORDER BY q.webhook_id, q.priority DESC LIMIT 1)
+                    UNION ALL
+                    SELECT n.webhook_id, n.priority
+                    FROM pending_hooks p,
+                         LATERAL (SELECT q.webhook_id, q.priority FROM hookfleet.delivery_queue q
+                                  WHERE q.delivery_status = 'pending' AND q.webhook_id > p.webhook_id
+                                  ORDER BY q.webhook_id, q.priority DESC LIMIT 1) n
+                )
+                SELECT p.webhook_id, p.level
+                FROM pending_hooks p
+                JOIN hookfleet.webhooks w ON w.webhook_id = p.webhook_id
+                -- An anti-join, hashed: the window's webhooks are not looked at twice.
+                LEFT JOIN unnest(seen) AS s(webhook_id) ON s.webhook_id = p.webhook_id
+                WHERE w.enabled AND s.webhook_id IS NULL AND hookfleet.has_due_delivery(p.webhook_id, now_at)
+            ) s;
         END IF;
-        LOOP
-        FETCH candidates INTO hook;
-        EXIT WHEN NOT FOUND;
-        seen := seen || hook.webhook_id;
-        IF phase = 1 THEN
-            window_rows := hook.window_rows;
-        END IF;
-        CONTINUE WHEN NOT hook.enabled;
-        -- The time now, not the transaction's start: a claim may have waited for another one.
-        now_s := extract(epoch FROM clock_timestamp());
-        -- Cheap checks first, without locks (stale reads only ever err towards looking further).
-        IF hook.circuit_state = 'open' AND hook.circuit_open_until > now_at THEN CONTINUE; END IF;
-        IF hook.circuit_state = 'half_open' AND hook.circuit_probe_until > now_at THEN CONTINUE; END IF;
-        room := CASE WHEN claim_deliveries.webhook_slots IS NULL THEN batch_size
-                     ELSE claim_deliveries.webhook_slots
-                          - COALESCE(busy_counts[array_position(busy_webhook_ids, hook.webhook_id)], 0) END;
-        rps := COALESCE(hook.rate_limit_rps, default_rate_limit_rps);
-        step := NULL;
-        tau := NULL;
-        tokens := NULL;
-        IF rps IS NOT NULL THEN
-            burst := GREATEST(COALESCE(hook.rate_limit_burst, default_rate_limit_burst, ceil(rps / 2)::integer), 1);
-            step := 1.0 / rps;
-            tau := (burst - 1) * step;
-            IF hook.has_bucket THEN
-                tokens := floor((tau - (GREATEST(hook.tat, now_s) - now_s)) / step + 1e-9) + 1;
-            END IF;
-        END IF;
-        IF room <= 0 OR tokens <= 0 THEN
-            IF hookfleet.has_due_delivery(hook.webhook_id, now_at) THEN
-                RETURN QUERY SELECT * FROM hookfleet.claim_hold(
-                    hook.webhook_id,
-                    CASE WHEN room <= 0 THEN 'busy' ELSE 'rate_limit' END,
-                    CASE WHEN room <= 0 THEN NULL ELSE to_timestamp(hook.tat - tau) END);
-            END IF;
-            CONTINUE;
-        END IF;
-        allowance := LEAST(room, batch_size);
-        bound := CASE WHEN room < batch_size THEN 'busy' END;
-        is_probe := false;
-        tat := hook.tat;
+        CONTINUE WHEN p_ids IS NULL;
 
-        prepaid := false;
-        decided := false;
-        IF hook.max_in_flight IS NULL AND hook.circuit_state = 'closed'
-           AND (rps IS NULL OR COALESCE(tokens >= 16 * batch_size, false)) THEN
-            -- Nothing the claim is likely to run out of: no rate limit, or a bucket that held 16
-            -- batches or more when the list was read. Take the webhook's limiter row without
-            -- waiting (it is what serialises the claims of one webhook, and so what keeps per-key
-            -- order when several claims, a psql one included, take the same webhook's rows), then
-            -- pay for the whole allowance, provided the bucket as it is now still holds it; the
-            -- unused part is refunded at the end. A bucket that ran low meanwhile is decided under
-            -- the lock like any other. A limiter row another session holds (a claim, an open
-            -- transaction at a psql prompt) makes the webhook `contended`: the worker looks again
-            -- a moment later, and no other webhook waits for it.
-            IF phase = 2 THEN
-                CONTINUE WHEN NOT hookfleet.has_due_delivery(hook.webhook_id, now_at);
-            END IF;
-            IF NOT hook.has_bucket THEN
-                INSERT INTO hookfleet.webhook_rate_limits AS r (webhook_id, tat) VALUES (hook.webhook_id, 0)
-                ON CONFLICT (webhook_id) DO NOTHING;
-            END IF;
-            PERFORM 1 FROM hookfleet.webhook_rate_limits r WHERE r.webhook_id = hook.webhook_id
-            FOR UPDATE SKIP LOCKED;
-            IF NOT FOUND THEN
-                RETURN QUERY SELECT * FROM hookfleet.claim_hold(hook.webhook_id, 'contended', NULL);
-                CONTINUE;
-            END IF;
-            IF rps IS NULL THEN
-                decided := true;
-            ELSE
-                UPDATE hookfleet.webhook_rate_limits r
-                SET tat = GREATEST(r.tat, now_s) + allowance * step
-                WHERE r.webhook_id = hook.webhook_id
-                  AND GREATEST(r.tat, now_s) - now_s + (allowance - 1) * step <= tau + 1e-9;
-                IF FOUND THEN
-                    prepaid := true;
-                    decided := true;
-                END IF;
-            END IF;
+        now_s := extract(epoch FROM clock_timestamp());
+        -- Their settings, read once without locks (a stale read only ever errs towards looking
+        -- further): disabled webhooks and open circuits drop out; this worker's cap and an empty
+        -- bucket hold a webhook back at once; the rest are worth taking the limiter row of.
+        SELECT array_agg(s.webhook_id), array_agg(s.level), array_agg(s.version), array_agg(s.max_retries),
+               array_agg(s.room), array_agg(s.step), array_agg(s.tau), array_agg(s.max_in_flight),
+               array_agg(CASE WHEN s.room <= 0 THEN 'busy' WHEN s.tokens <= 0 THEN 'rate_limit' ELSE 'take' END),
+               array_agg(to_timestamp(s.tat - s.tau)), array_agg(s.has_bucket),
+               count(*) FILTER (WHERE s.room > 0 AND COALESCE(s.tokens > 0, true))
+        INTO c_ids, c_levels, c_versions, c_retries, c_rooms, c_steps, c_taus, c_mifs, c_kinds, c_untils, c_buckets,
+             takeable
+        FROM (
+            SELECT p.webhook_id, p.level, w.version, w.max_retries, w.max_in_flight, r.tat, r.webhook_id IS NOT NULL AS has_bucket,
+                   CASE WHEN claim_deliveries.webhook_slots IS NULL THEN batch_size
+                        ELSE claim_deliveries.webhook_slots - COALESCE(b.busy, 0) END AS room,
+                   g.step, g.tau,
+                   CASE WHEN r.webhook_id IS NOT NULL AND g.step IS NOT NULL
+                        THEN floor((g.tau - (GREATEST(r.tat, now_s) - now_s)) / g.step + 1e-9) + 1
+                   END AS tokens
+            -- Each lookup a LATERAL with LIMIT 1, so that it stays one index descent per webhook
+            -- whatever the statistics: joined freely, a generic plan (which guesses 100 webhooks)
+            -- hashes every webhook's row instead.
+            FROM unnest(p_ids, p_levels) WITH ORDINALITY AS p(webhook_id, level, i)
+            CROSS JOIN LATERAL (SELECT w.enabled, w.version, w.max_retries, w.max_in_flight, w.rate_limit_rps, w.rate_limit_burst
+                                FROM hookfleet.webhooks w WHERE w.webhook_id = p.webhook_id LIMIT 1) w
+            LEFT JOIN LATERAL (SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until
+                               FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = p.webhook_id LIMIT 1) h ON true
+            LEFT JOIN LATERAL (SELECT r.webhook_id, r.tat
+                               FROM hookfleet.webhook_rate_limits r WHERE r.webhook_id = p.webhook_id LIMIT 1) r ON true
+            LEFT JOIN unnest(busy_webhook_ids, busy_counts) AS b(webhook_id, busy) ON b.webhook_id = p.webhook_id
+            CROSS JOIN LATERAL (
+                SELECT 1.0 / x.rps AS step,
+                       (GREATEST(COALESCE(w.rate_limit_burst, default_rate_limit_burst, ceil(x.rps / 2)::integer), 1) - 1) / x.rps AS tau
+                FROM (SELECT COALESCE(w.rate_limit_rps, default_rate_limit_rps) AS rps) x
+            ) g
+            WHERE w.enabled
+              AND NOT (COALESCE(h.circuit_state, 'closed') = 'open' AND h.circuit_open_until > now_at)
+              AND NOT (COALESCE(h.circuit_state, 'closed') = 'half_open' AND h.circuit_probe_until > now_at)
+            ORDER BY p.i
+        ) s;
+        CONTINUE WHEN c_ids IS NULL;
+        SELECT h_ids || array_agg(c.webhook_id ORDER BY c.i), h_reasons || array_agg(c.kind ORDER BY c.i),
+               h_untils || array_agg(CASE WHEN c.kind = 'rate_limit' THEN c.until END ORDER BY c.i)
+        INTO h_ids, h_reasons, h_untils
+        FROM unnest(c_ids, c_kinds, c_untils) WITH ORDINALITY AS c(webhook_id, kind, until, i)
+        WHERE c.kind <> 'take';
+        CONTINUE WHEN takeable = 0 OR wanted <= 0;
+
+        -- Limiter rows of every webhook that got one only at creation: a hand-deleted one is
+        -- recreated (this insert checks the webhook's foreign key, the one wait a claim can meet).
+        IF false = ANY (c_buckets) THEN
+            INSERT INTO hookfleet.webhook_rate_limits AS r (webhook_id, tat)
+            SELECT c.webhook_id, 0 FROM unnest(c_ids, c_kinds, c_buckets) AS c(webhook_id, kind, has_bucket)
+            WHERE c.kind = 'take' AND NOT c.has_bucket
+            ORDER BY c.webhook_id
+            ON CONFLICT (webhook_id) DO NOTHING;
         END IF;
-        IF NOT decided THEN
-            -- Something shared can run out: decide under the webhook's lock, with fresh reads
-            -- (each statement sees what the previous holder committed). Only webhooks with due
-            -- rows get here, so idle ones are never locked.
-            CONTINUE WHEN NOT hookfleet.has_due_delivery(hook.webhook_id, now_at);
-            IF NOT hook.has_bucket THEN
-                INSERT INTO hookfleet.webhook_rate_limits AS r (webhook_id, tat) VALUES (hook.webhook_id, 0)
-                ON CONFLICT (webhook_id) DO NOTHING;
-            END IF;
-            SELECT r.tat INTO tat FROM hookfleet.webhook_rate_limits r WHERE r.webhook_id = hook.webhook_id
-            FOR UPDATE SKIP LOCKED;
-            IF NOT FOUND THEN
-                -- Another claim is deciding for it right now; an open transaction must never
-                -- stall the fleet's claims, so skip it rather than wait.
-                RETURN QUERY SELECT * FROM hookfleet.claim_hold(hook.webhook_id, 'contended', NULL);
-                CONTINUE;
-            END IF;
-            IF rps IS NOT NULL THEN
-                tokens := floor((tau - (GREATEST(tat, now_s) - now_s)) / step + 1e-9) + 1;
+
+        -- The limiter rows of as many webhooks as the batch can use (each yields a row at least),
+        -- in claim order, without waiting: one another session holds (a concurrent claim, an
+        -- open transaction at a psql prompt) is skipped for the next one, so concurrent claims
+        -- spread over the window instead of meeting on its first webhooks. The limiter row is
+        -- what serialises one webhook's claims, and with them its rate, max_in_flight and
+        -- per-key order, for every entry point (get_ready_deliveries too).
+        -- The webhooks are visited in their order (a nested loop over unnest, which yields its
+        -- elements in order), each limiter row locked on its own as it is reached, and the LIMIT
+        -- stops the loop: a sort here would lock every candidate before choosing.
+        SELECT array_agg(k.i ORDER BY k.i), array_agg(k.webhook_id ORDER BY k.i)
+        INTO l_ci, l_ids
+        FROM (
+            SELECT c.i, c.webhook_id
+            FROM unnest(c_ids, c_kinds) WITH ORDINALITY AS c(webhook_id, kind, i)
+            CROSS JOIN LATERAL (SELECT r.webhook_id FROM hookfleet.webhook_rate_limits r
+                                WHERE r.webhook_id = c.webhook_id LIMIT 1 FOR UPDATE SKIP LOCKED) r
+            WHERE c.kind = 'take'
+            LIMIT LEAST(wanted, takeable)
+        ) k;
+        -- Skipped (another session holds it): reported contended, looked at again soon.
+        last_reached := CASE WHEN COALESCE(cardinality(l_ci), 0) < LEAST(wanted, takeable)
+                             THEN cardinality(c_ids) ELSE l_ci[cardinality(l_ci)] END;
+        SELECT h_ids || array_agg(c.webhook_id ORDER BY c.i), h_reasons || array_agg('contended'::text),
+               h_untils || array_agg(NULL::timestamptz)
+        INTO h_ids, h_reasons, h_untils
+        FROM unnest(c_ids, c_kinds) WITH ORDINALITY AS c(webhook_id, kind, i)
+        LEFT JOIN unnest(l_ci) AS l(i) ON l.i = c.i
+        WHERE c.kind = 'take' AND c.i <= last_reached AND l.i IS NULL;
+        CONTINUE WHEN l_ci IS NULL;
+
+        -- Decided under the locks, on fresh reads (this statement sees what the previous holders
+        -- committed): the bucket, the circuit, the attempts in flight.
+        SELECT array_agg(r.tat), array_agg(COALESCE(h.circuit_state, 'closed')), array_agg(h.circuit_open_until),
+               array_agg(h.circuit_probe_until), array_agg(f.in_flight)
+        INTO l_tats, l_states, l_open, l_probe, l_in_flight
+        FROM (SELECT l.webhook_id, l.i FROM unnest(l_ids) WITH ORDINALITY AS l(webhook_id, i) ORDER BY l.i) l
+        CROSS JOIN LATERAL (SELECT r.tat FROM hookfleet.webhook_rate_limits r WHERE r.webhook_id = l.webhook_id LIMIT 1) r
+        LEFT JOIN LATERAL (SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until
+                           FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = l.webhook_id LIMIT 1) h ON true
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN c_mifs[l_ci[l.i]] IS NOT NULL THEN (
+                       SELECT count(*) FROM hookfleet.delivery_queue q
+                       WHERE q.webhook_id = l.webhook_id AND q.delivery_status = 'in_flight') END AS in_flight
+        ) f;
+        -- The time now, not the transaction's start: a claim may have waited for the database.
+        now_s := extract(epoch FROM clock_timestamp());
+        a_allow := '{}';
+        a_taken := '{}';
+        a_bound := '{}';
+        a_probe := '{}';
+        FOR j IN 1 .. cardinality(l_ids) LOOP
+            ci := l_ci[j];
+            allowance := LEAST(c_rooms[ci], batch_size);
+            bound := CASE WHEN c_rooms[ci] < batch_size THEN 'busy' END;
+            a_probe[j] := false;
+            IF c_steps[ci] IS NOT NULL THEN
+                tokens := floor((c_taus[ci] - (GREATEST(l_tats[j], now_s) - now_s)) / c_steps[ci] + 1e-9) + 1;
                 IF tokens <= 0 THEN
-                    RETURN QUERY SELECT * FROM hookfleet.claim_hold(hook.webhook_id, 'rate_limit', to_timestamp(tat - tau));
-                    CONTINUE;
-                END IF;
-                IF tokens < allowance THEN
+                    h_ids := h_ids || l_ids[j];
+                    h_reasons := h_reasons || 'rate_limit'::text;
+                    h_untils := h_untils || to_timestamp(l_tats[j] - c_taus[ci]);
+                    allowance := 0;
+                ELSIF tokens < allowance THEN
                     allowance := tokens;
                     bound := 'rate_limit';
                 END IF;
             END IF;
-            IF hook.max_in_flight IS NOT NULL THEN
-                SELECT count(*) INTO in_flight FROM hookfleet.delivery_queue q
-                WHERE q.webhook_id = hook.webhook_id AND q.delivery_status = 'in_flight';
-                IF in_flight >= hook.max_in_flight THEN
-                    RETURN QUERY SELECT * FROM hookfleet.claim_hold(hook.webhook_id, 'max_in_flight', NULL);
-                    CONTINUE;
-                END IF;
-                IF hook.max_in_flight - in_flight < allowance THEN
-                    allowance := hook.max_in_flight - in_flight;
+            IF allowance > 0 AND c_mifs[ci] IS NOT NULL THEN
+                IF l_in_flight[j] >= c_mifs[ci] THEN
+                    h_ids := h_ids || l_ids[j];
+                    h_reasons := h_reasons || 'max_in_flight'::text;
+                    h_untils := h_untils || NULL::timestamptz;
+                    allowance := 0;
+                ELSIF c_mifs[ci] - l_in_flight[j] < allowance THEN
+                    allowance := c_mifs[ci] - l_in_flight[j];
                     bound := 'max_in_flight';
                 END IF;
             END IF;
-            SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until INTO health
-            FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = hook.webhook_id;
-            IF FOUND AND health.circuit_state <> 'closed' THEN
+            IF allowance > 0 AND l_states[j] <> 'closed' THEN
                 -- Not closed: perhaps a probe is due. Marking one out writes the health row, which a
                 -- write-back may hold right now: take the row without waiting, so that a claim
                 -- never waits for any lock (and so is never part of a deadlock), and decide on what
                 -- it says now.
                 SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until INTO health
-                FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = hook.webhook_id
+                FROM hookfleet.webhook_health_metrics h WHERE h.webhook_id = l_ids[j]
                 FOR UPDATE SKIP LOCKED;
                 IF NOT FOUND THEN
-                    RETURN QUERY SELECT * FROM hookfleet.claim_hold(hook.webhook_id, 'contended', NULL);
-                    CONTINUE;
-                END IF;
-                IF health.circuit_state <> 'closed' THEN
-                    CONTINUE WHEN health.circuit_state = 'open' AND health.circuit_open_until > now_at;
-                    CONTINUE WHEN health.circuit_state = 'half_open' AND health.circuit_probe_until > now_at;
-                    -- The open period is over (or the last probe was lost): exactly one probe.
-                    is_probe := true;
-                    allowance := 1;
-                    bound := NULL;
+                    h_ids := h_ids || l_ids[j];
+                    h_reasons := h_reasons || 'contended'::text;
+                    h_untils := h_untils || NULL::timestamptz;
+                    allowance := 0;
+                ELSIF health.circuit_state <> 'closed' THEN
+                    IF health.circuit_state = 'open' AND health.circuit_open_until > now_at
+                       OR health.circuit_state = 'half_open' AND health.circuit_probe_until > now_at THEN
+                        allowance := 0;
+                    ELSE
+                        -- The open period is over (or the last probe was lost): exactly one probe.
+                        a_probe[j] := true;
+                        allowance := 1;
+                        bound := NULL;
+                    END IF;
                 END IF;
             END IF;
-        END IF;
-        hooks := hooks || hook.webhook_id;
-        levels := levels || hook.level;
-        versions := versions || hook.version;
-        retries := retries || hook.max_retries;
-        allowed := allowed || allowance;
-        allowed_at_start := allowed_at_start || allowance;
-        taken := taken || 0;
-        steps := steps || step;
-        taus := taus || tau;
-        tats := tats || tat;
-        probes := probes || is_probe;
-        bounds := bounds || bound;
-        prepaids := prepaids || prepaid;
+            a_allow[j] := allowance;
+            a_bound[j] := bound;
+            a_taken[j] := 0;
         END LOOP;
-        CLOSE candidates;
 
-        -- Take the rows: an equal share each first, then what is left, webhook by webhook.
-        FOR pass IN 1 .. 2 LOOP
-            EXIT WHEN wanted <= 0 OR cardinality(hooks) < first_new;
-            share := CASE WHEN pass = 1 THEN ceil(wanted::numeric / (cardinality(hooks) - first_new + 1))::integer ELSE wanted END;
-            FOR i IN first_new .. cardinality(hooks) LOOP
-                EXIT WHEN wanted <= 0;
-                taking := LEAST(allowed[i] - taken[i], share, wanted);
-                CONTINUE WHEN taking <= 0;
-                -- One priority level at a time, highest first: each level is a tight range of the
-                -- webhook's index (webhook_id, priority, next_attempt_at), so rows scheduled for later
-                -- are never read, however many there are.
-                level := levels[i];
-                WHILE level IS NOT NULL AND taking > 0 LOOP
-                    -- Lock the rows first, then mark them: two simple statements whose plans
-                    -- stay right whatever the statistics say (the UPDATE finds its rows by key).
-                    ids := ARRAY(
-                        SELECT q.delivery_id
-                        FROM hookfleet.delivery_queue q
-                        WHERE q.webhook_id = hooks[i]
-                          AND q.delivery_status = 'pending'
-                          AND q.priority = level
-                          AND q.next_attempt_at <= now_at
-                          AND (q.ordering_key IS NULL OR NOT EXISTS (
-                              SELECT 1 FROM hookfleet.delivery_queue p
-                              WHERE p.webhook_id = q.webhook_id
-                                AND p.ordering_key = q.ordering_key
-                                AND p.delivery_id <> q.delivery_id
-                                -- In flight blocks whatever its id: a row committed late with a lower
-                                -- id must not overtake one already being attempted.
-                                AND (p.delivery_status = 'in_flight'
-                                     OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
-                        ORDER BY q.webhook_id, q.priority DESC, q.next_attempt_at, q.delivery_id
-                        LIMIT taking
-                        FOR UPDATE OF q SKIP LOCKED);
+        IF phase = 1 THEN
+            -- The rows, from the window: each webhook's first rows in claim order up to what it may
+            -- take, round by round (every webhook's first row, then every second row, …) so that a
+            -- batch is shared before one webhook takes the rest. Keyed rows only once their
+            -- predecessor has settled.
+            chosen := ARRAY(
+                SELECT s.delivery_id FROM (
+                    SELECT q.delivery_id, w.ord, a.allow,
+                           row_number() OVER (PARTITION BY w.webhook_id ORDER BY w.ord) AS rank
+                    FROM unnest(w_ids, w_hooks) WITH ORDINALITY AS w(delivery_id, webhook_id, ord)
+                    JOIN unnest(l_ids, a_allow) AS a(webhook_id, allow) ON a.webhook_id = w.webhook_id
+                    -- By key and nothing else (LIMIT 1 keeps the conditions below out of it): with
+                    -- statistics of a moment without pending rows, the planner otherwise reads
+                    -- the pending-only indexes from end to end, as they look empty.
+                    CROSS JOIN LATERAL (SELECT q.delivery_id, q.webhook_id, q.delivery_status, q.next_attempt_at, q.ordering_key
+                                        FROM hookfleet.delivery_queue q WHERE q.delivery_id = w.delivery_id LIMIT 1) q
+                    WHERE a.allow > 0
+                      AND q.delivery_status = 'pending'
+                      AND q.next_attempt_at <= now_at
+                      AND (q.ordering_key IS NULL OR NOT EXISTS (
+                          SELECT 1 FROM hookfleet.delivery_queue p
+                          WHERE p.webhook_id = q.webhook_id
+                            AND p.ordering_key = q.ordering_key
+                            AND p.delivery_id <> q.delivery_id
+                            AND (p.delivery_status = 'in_flight'
+                                 OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
+                ) s
+                WHERE s.rank <= s.allow
+                ORDER BY s.rank, s.ord
+                LIMIT wanted);
+            IF cardinality(chosen) > 0 THEN
+                -- Lock them (skipping any another session holds), checking again what may have
+                -- changed since they were chosen.
+                SELECT array_agg(t.delivery_id), array_agg(t.webhook_id) INTO ids, id_hooks
+                FROM (
+                    SELECT q.delivery_id, q.webhook_id FROM hookfleet.delivery_queue q
+                    WHERE q.delivery_id = ANY (chosen)
+                      -- IS TRUE: the same test, in a form that cannot match the pending-only
+                      -- indexes' predicate, so that the rows are found by key (see above).
+                      AND (q.delivery_status = 'pending') IS TRUE
+                      AND q.next_attempt_at <= now_at
+                      AND (q.ordering_key IS NULL OR NOT EXISTS (
+                          SELECT 1 FROM hookfleet.delivery_queue p
+                          WHERE p.webhook_id = q.webhook_id
+                            AND p.ordering_key = q.ordering_key
+                            AND p.delivery_id <> q.delivery_id
+                            -- In flight blocks whatever its id: a row committed late with a lower
+                            -- id must not overtake one already being attempted.
+                            AND (p.delivery_status = 'in_flight'
+                                 OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
+                    ORDER BY q.delivery_id
+                    FOR UPDATE OF q SKIP LOCKED
+                ) t;
+                IF ids IS NOT NULL THEN
                     -- The lease starts now, not when the claim's transaction began: a claim that
                     -- waited (for the database, a lock, a long walk) must not hand out a lease
                     -- that is partly spent before the worker even sees the row.
-                    -- A level with nothing due (or all of it locked) costs no UPDATE.
-                    IF cardinality(ids) = 0 THEN
-                        got := 0;
-                    ELSE
-                        lease_until := clock_timestamp() + claim_deliveries.lease;
-                        RETURN QUERY
+                    lease_until := clock_timestamp() + claim_deliveries.lease;
+                    RETURN QUERY
+                    WITH marked AS (
                         UPDATE hookfleet.delivery_queue q
                         SET delivery_status = 'in_flight',
                             locked_by = claim_deliveries.worker_id,
                             locked_until = lease_until
                         WHERE q.delivery_id = ANY (ids)
-                        RETURNING q.delivery_id, q.webhook_id, versions[i], q.message_id, q.event_type,
-                                  q.message_body::text, q.retry_count, COALESCE(q.max_retries, retries[i]),
-                                  q.created_at, q.locked_until, probes[i], NULL::text;
-                        GET DIAGNOSTICS got = ROW_COUNT;
-                    END IF;
-                    taken[i] := taken[i] + got;
-                    wanted := wanted - got;
-                    taking := taking - got;
-                    EXIT WHEN taking <= 0;
-                    level := (SELECT q.priority FROM hookfleet.delivery_queue q
-                              WHERE q.webhook_id = hooks[i] AND q.delivery_status = 'pending' AND q.priority < level
-                              ORDER BY q.priority DESC LIMIT 1);
-                END LOOP;
-                -- Fewer than asked: this webhook has nothing more to give in this claim.
-                IF taking > 0 THEN
-                    allowed[i] := taken[i];
-                    bounds[i] := NULL;
+                        RETURNING q.delivery_id, q.webhook_id, q.message_id, q.event_type, q.message_body, q.retry_count,
+                                  q.max_retries, q.created_at, q.locked_until, q.priority, q.next_attempt_at
+                    )
+                    SELECT m.delivery_id, m.webhook_id, c_versions[l_ci[l.j]], m.message_id, m.event_type,
+                           m.message_body::text, m.retry_count, COALESCE(m.max_retries, c_retries[l_ci[l.j]]),
+                           m.created_at, m.locked_until, a_probe[l.j], NULL::text
+                    FROM marked m
+                    JOIN unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j) ON l.webhook_id = m.webhook_id
+                    ORDER BY m.priority DESC, m.next_attempt_at, m.delivery_id;
+                    a_taken := ARRAY(
+                        SELECT count(t.webhook_id)::integer
+                        FROM unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j)
+                        LEFT JOIN unnest(id_hooks) AS t(webhook_id) ON t.webhook_id = l.webhook_id
+                        GROUP BY l.j ORDER BY l.j);
+                    wanted := wanted - cardinality(ids);
                 END IF;
+            END IF;
+        END IF;
+
+        -- Rows outside the window: phase 2's webhooks, and in phase 1 those that may take more
+        -- than the window held of them while the batch is not full and more due rows may lie
+        -- past it. One webhook at a time, an equal share each first, then what is left.
+        IF wanted > 0 AND (phase = 2 OR window_full) THEN
+            FOR pass IN 1 .. 2 LOOP
+                EXIT WHEN wanted <= 0;
+                share := CASE WHEN pass = 1 THEN ceil(wanted::numeric / cardinality(l_ids))::integer ELSE wanted END;
+                FOR j IN 1 .. cardinality(l_ids) LOOP
+                    EXIT WHEN wanted <= 0;
+                    taking := LEAST(a_allow[j] - a_taken[j], share, wanted);
+                    CONTINUE WHEN taking <= 0;
+                    -- One priority level at a time, highest first: each level is a tight range of the
+                    -- webhook's index (webhook_id, priority, next_attempt_at), so rows scheduled for
+                    -- later are never read, however many there are.
+                    level := c_levels[l_ci[j]];
+                    WHILE level IS NOT NULL AND taking > 0 LOOP
+                        ids := ARRAY(
+                            SELECT q.delivery_id
+                            FROM hookfleet.delivery_queue q
+                            WHERE q.webhook_id = l_ids[j]
+                              AND q.delivery_status = 'pending'
+                              AND q.priority = level
+                              AND q.next_attempt_at <= now_at
+                              AND (q.ordering_key IS NULL OR NOT EXISTS (
+                                  SELECT 1 FROM hookfleet.delivery_queue p
+                                  WHERE p.webhook_id = q.webhook_id
+                                    AND p.ordering_key = q.ordering_key
+                                    AND p.delivery_id <> q.delivery_id
+                                    AND (p.delivery_status = 'in_flight'
+                                         OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
+                            ORDER BY q.webhook_id, q.priority DESC, q.next_attempt_at, q.delivery_id
+                            LIMIT taking
+                            FOR UPDATE OF q SKIP LOCKED);
+                        IF cardinality(ids) = 0 THEN
+                            got := 0;
+                        ELSE
+                            lease_until := clock_timestamp() + claim_deliveries.lease;
+                            RETURN QUERY
+                            UPDATE hookfleet.delivery_queue q
+                            SET delivery_status = 'in_flight',
+                                locked_by = claim_deliveries.worker_id,
+                                locked_until = lease_until
+                            WHERE q.delivery_id = ANY (ids)
+                            RETURNING q.delivery_id, q.webhook_id, c_versions[l_ci[j]], q.message_id, q.event_type,
+                                      q.message_body::text, q.retry_count, COALESCE(q.max_retries, c_retries[l_ci[j]]),
+                                      q.created_at, q.locked_until, a_probe[j], NULL::text;
+                            GET DIAGNOSTICS got = ROW_COUNT;
+                        END IF;
+                        a_taken[j] := a_taken[j] + got;
+                        wanted := wanted - got;
+                        taking := taking - got;
+                        EXIT WHEN taking <= 0;
+                        level := (SELECT q.priority FROM hookfleet.delivery_queue q
+                                  WHERE q.webhook_id = l_ids[j] AND q.delivery_status = 'pending' AND q.priority < level
+                                  ORDER BY q.priority DESC LIMIT 1);
+                    END LOOP;
+                    -- Fewer than asked: this webhook has nothing more to give in this claim.
+                    IF taking > 0 THEN
+                        a_allow[j] := a_taken[j];
+                    END IF;
+                END LOOP;
             END LOOP;
+        END IF;
+
+        -- Spend the tokens taken, in one statement (adding to the bucket as it is now, which this
+        -- claim holds), and mark the probes out (their health rows are this claim's already).
+        -- (By key, = ANY: an UPDATE joined to unnest may hash the whole table in a generic plan.)
+        SELECT array_agg(t.webhook_id), array_agg(t.taken * c_steps[l_ci[t.j]]) INTO ids, charges
+        FROM unnest(l_ids, a_taken) WITH ORDINALITY AS t(webhook_id, taken, j)
+        WHERE t.taken > 0 AND c_steps[l_ci[t.j]] IS NOT NULL;
+        IF ids IS NOT NULL THEN
+            UPDATE hookfleet.webhook_rate_limits r
+            SET tat = GREATEST(r.tat, now_s) + charges[array_position(ids, r.webhook_id)]
+            WHERE r.webhook_id = ANY (ids);
+        END IF;
+        IF true = ANY (a_probe) THEN
+            UPDATE hookfleet.webhook_health_metrics h
+            SET circuit_state = 'half_open', circuit_probe_until = clock_timestamp() + claim_deliveries.lease, updated_at = now_at
+            WHERE h.webhook_id = ANY (ARRAY(SELECT t.webhook_id FROM unnest(l_ids, a_probe, a_taken) AS t(webhook_id, probe, taken)
+                                            WHERE t.probe AND t.taken > 0));
+        END IF;
+        -- The webhooks that took all they were allowed while a limit bounded them: the worker
+        -- waits for the next token or for a slot rather than for the poll interval.
+        FOR j IN 1 .. cardinality(l_ids) LOOP
+            IF a_bound[j] IS NOT NULL AND a_taken[j] >= a_allow[j] AND a_allow[j] > 0 THEN
+                h_ids := h_ids || l_ids[j];
+                h_reasons := h_reasons || a_bound[j];
+                h_untils := h_untils || CASE WHEN a_bound[j] = 'rate_limit'
+                    THEN to_timestamp(GREATEST(l_tats[j], now_s) + a_taken[j] * c_steps[l_ci[j]] - c_taus[l_ci[j]]) END;
+            END IF;
         END LOOP;
     END LOOP;
 
-    -- Spend the tokens taken (adding to the current value, so claims that took no lock still
-    -- account exactly), mark probes as out, and report the webhooks that took all they were
-    -- allowed while a limit bounded them: the worker waits for the next token or for a slot
-    -- rather than for the poll interval.
-    FOR i IN 1 .. cardinality(hooks) LOOP
-        IF bounds[i] IS NOT NULL AND taken[i] >= allowed[i] THEN
-            RETURN QUERY SELECT * FROM hookfleet.claim_hold(
-                hooks[i], bounds[i],
-                CASE WHEN bounds[i] = 'rate_limit'
-                     THEN to_timestamp(GREATEST(tats[i], now_s) + taken[i] * steps[i] - taus[i]) END);
-        END IF;
-        IF prepaids[i] THEN
-            IF taken[i] < allowed_at_start[i] THEN
-                UPDATE hookfleet.webhook_rate_limits r
-                SET tat = r.tat - (allowed_at_start[i] - taken[i]) * steps[i]
-                WHERE r.webhook_id = hooks[i];
-            END IF;
-            CONTINUE;
-        END IF;
-        CONTINUE WHEN taken[i] = 0;
-        IF steps[i] IS NOT NULL THEN
-            UPDATE hookfleet.webhook_rate_limits r
-            SET tat = GREATEST(r.tat, now_s) + taken[i] * steps[i]
-            WHERE r.webhook_id = hooks[i];
-        END IF;
-    END LOOP;
-    -- Probes out (their health rows are already this claim's, taken without waiting above).
-    FOR i IN SELECT s.i FROM unnest(hooks, probes, taken) WITH ORDINALITY AS s(hook, probe, took, i)
-             WHERE s.probe AND s.took > 0 ORDER BY s.hook LOOP
-        UPDATE hookfleet.webhook_health_metrics h
-        SET circuit_state = 'half_open', circuit_probe_until = clock_timestamp() + claim_deliveries.lease, updated_at = now_at
-        WHERE h.webhook_id = hooks[i];
-    END LOOP;
+    RETURN QUERY
+    SELECT x.* FROM unnest(h_ids, h_reasons, h_untils) AS h(webhook_id, reason, until),
+                    LATERAL hookfleet.claim_hold(h.webhook_id, h.reason, h.until) x;
 END
 $$;
 COMMENT ON FUNCTION hookfleet.claim_deliveries(text, integer, interval, double precision, integer, integer, bigint[], integer[]) IS

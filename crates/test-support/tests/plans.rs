@@ -75,7 +75,10 @@ fn walk(node: &Value, unbounded_sort: bool, accesses: &mut Vec<Access>) {
         });
     }
     for child in node["Plans"].as_array().into_iter().flatten() {
-        walk(child, unbounded_sort, accesses);
+        // A subplan answers one question per row of its parent (EXISTS, a scalar): a Sort above
+        // the parent sorts the parent's rows, never what the subplan reads.
+        let subplan = matches!(child["Parent Relationship"].as_str(), Some("SubPlan" | "InitPlan"));
+        walk(child, unbounded_sort && !subplan, accesses);
     }
 }
 
@@ -220,7 +223,7 @@ const PKEY: &str = "delivery_queue_pkey";
 const HOT: &[Hot] = &[
     Hot {
         name: "claim: the window of due rows",
-        marker: "WITH pending_hooks(webhook_id, level, window_rows)",
+        marker: "WITH claim_window AS (",
         allowed: &[DUE],
         required: &[(DUE, &[])],
     },
@@ -250,20 +253,32 @@ const HOT: &[Hot] = &[
     },
     Hot {
         name: "claim: a webhook's attempts in flight (max_in_flight)",
-        marker: "SELECT count(*) FROM hookfleet.delivery_queue q WHERE q.webhook_id = hook.webhook_id AND q.delivery_status = 'in_flight'",
+        marker: "SELECT count(*) FROM hookfleet.delivery_queue q WHERE q.webhook_id = l.webhook_id AND q.delivery_status = 'in_flight'",
         allowed: &[IN_FLIGHT],
         required: &[(IN_FLIGHT, &["webhook_id"])],
     },
     Hot {
-        name: "claim: the take",
+        name: "claim: the rows chosen from the window",
+        marker: "row_number() OVER (PARTITION BY w.webhook_id ORDER BY w.ord) AS rank",
+        allowed: &[PKEY, ORDERING],
+        required: &[(PKEY, &["delivery_id"])],
+    },
+    Hot {
+        name: "claim: locking the rows chosen from the window",
+        marker: "WHERE q.delivery_id = ANY (chosen)",
+        allowed: &[PKEY, ORDERING],
+        required: &[(PKEY, &["delivery_id"])],
+    },
+    Hot {
+        name: "claim: a take past the window",
         // Without plpgsql's "ids := " prefix, which PostgreSQL 13 reports differently.
-        marker: "ARRAY( SELECT q.delivery_id FROM hookfleet.delivery_queue q WHERE q.webhook_id = hooks[i]",
+        marker: "ARRAY( SELECT q.delivery_id FROM hookfleet.delivery_queue q WHERE q.webhook_id = l_ids[j]",
         allowed: &[WEBHOOK_DUE, ORDERING],
         required: &[(WEBHOOK_DUE, &["webhook_id", "priority", "next_attempt_at"])],
     },
     Hot {
         name: "claim: the take's next level",
-        marker: "WHERE q.webhook_id = hooks[i] AND q.delivery_status = 'pending' AND q.priority < level",
+        marker: "WHERE q.webhook_id = l_ids[j] AND q.delivery_status = 'pending' AND q.priority < level",
         allowed: &[WEBHOOK_DUE],
         required: &[(WEBHOOK_DUE, &["webhook_id", "priority"])],
     },

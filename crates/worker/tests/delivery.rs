@@ -243,7 +243,16 @@ async fn three_workers_deliver_every_row_exactly_once() {
     let receiver = Receiver::ok().await;
     let hook = webhook(&db, receiver.url("/")).await;
     let workers: Vec<WorkerProcess> = (1..=3)
-        .map(|n| WorkerProcess::spawn(worker_binary(), &db, &format!("w{n}"), &[("BATCH_SIZE", "20")]))
+        // Ten attempts at a time each: one worker cannot hold the whole queue while the others
+        // wait to start or meet its claims on the webhook's limiter row, so all three take part.
+        .map(|n| {
+            WorkerProcess::spawn(
+                worker_binary(),
+                &db,
+                &format!("w{n}"),
+                &[("BATCH_SIZE", "20"), ("HOOKFLEET_MAX_IN_FLIGHT", "10")],
+            )
+        })
         .collect();
     let client = db.client().await;
     // Inserted in several statements while the workers run, as producers would.
