@@ -102,18 +102,18 @@ DECLARE
     phase        integer;
     window_full  boolean := false;
     window_count bigint;
-    -- Phase 1's window: its due rows in claim order, and the webhook of each.
-    w_ids        bigint[];
-    w_hooks      bigint[];
     -- The webhooks a phase looks at, in claim order (phase 2: webhook order), with the highest
-    -- priority level they have due rows at.
+    -- priority level they have due rows at and how many due rows the window holds of them
+    -- (phase 2: none known).
     p_ids        bigint[];
     p_levels     smallint[];
+    p_counts     bigint[];
     seen         bigint[] := '{}';
     -- Those that may send, from one read of their settings (c_*), in the same order. c_kinds:
     -- take (worth locking), busy (this worker's cap) or rate_limit (no token by that read).
     c_ids        bigint[];
     c_levels     smallint[];
+    c_counts     bigint[];
     c_versions   bigint[];
     c_retries    integer[];
     c_rooms      integer[];
@@ -134,6 +134,7 @@ DECLARE
     l_probe      timestamptz[];
     l_in_flight  bigint[];
     a_allow      integer[];
+    a_share      integer[];
     a_taken      integer[];
     a_bound      text[];
     a_probe      boolean[];
@@ -142,7 +143,6 @@ DECLARE
     h_reasons    text[] := '{}';
     h_untils     timestamptz[] := '{}';
     last_reached integer;
-    chosen       bigint[];
     ids          bigint[];
     id_hooks     bigint[];
     charges      double precision[];
@@ -169,22 +169,19 @@ BEGIN
             -- every row; it is how this walk, and no statement about one webhook, matches
             -- delivery_queue_due_idx (V0014).
             WITH claim_window AS (
-                SELECT q.delivery_id, q.webhook_id, q.priority
-                FROM hookfleet.delivery_queue q
-                WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now_at
-                ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
-                LIMIT batch_size * 4
-            ), numbered AS (
-                SELECT cw.delivery_id, cw.webhook_id, cw.priority, row_number() OVER () AS ord FROM claim_window cw
-            ), hooks AS (
-                SELECT n.webhook_id, min(n.ord) AS first, max(n.priority) AS level FROM numbered n GROUP BY n.webhook_id
+                SELECT q.webhook_id, q.priority,
+                       row_number() OVER (ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id) AS ord
+                FROM (SELECT q.webhook_id, q.priority, q.next_attempt_at, q.delivery_id
+                      FROM hookfleet.delivery_queue q
+                      WHERE q.delivery_status = 'pending' AND q.retry_count >= 0 AND q.next_attempt_at <= now_at
+                      ORDER BY q.priority DESC, q.next_attempt_at, q.delivery_id
+                      LIMIT batch_size * 4) q
             )
-            SELECT (SELECT array_agg(n.delivery_id ORDER BY n.ord) FROM numbered n),
-                   (SELECT array_agg(n.webhook_id ORDER BY n.ord) FROM numbered n),
-                   (SELECT array_agg(h.webhook_id ORDER BY h.first) FROM hooks h),
-                   (SELECT array_agg(h.level ORDER BY h.first) FROM hooks h),
-                   (SELECT count(*) FROM numbered)
-            INTO w_ids, w_hooks, p_ids, p_levels, window_count;
+            SELECT array_agg(h.webhook_id ORDER BY h.first), array_agg(h.level ORDER BY h.first),
+                   array_agg(h.n ORDER BY h.first), COALESCE(sum(h.n), 0)
+            INTO p_ids, p_levels, p_counts, window_count
+            FROM (SELECT cw.webhook_id, min(cw.ord) AS first, max(cw.priority) AS level, count(*) AS n
+                  FROM claim_window cw GROUP BY cw.webhook_id) h;
             window_full := window_count >= batch_size * 4;
             seen := COALESCE(p_ids, '{}');
         ELSE
@@ -206,13 +203,21 @@ BEGIN
                                   WHERE q.delivery_status = 'pending' AND q.webhook_id > p.webhook_id
                                   ORDER BY q.webhook_id, q.priority DESC LIMIT 1) n
                 )
-                SELECT p.webhook_id, p.level
-                FROM pending_hooks p
-                JOIN hookfleet.webhooks w ON w.webhook_id = p.webhook_id
-                -- An anti-join, hashed: the window's webhooks are not looked at twice.
-                LEFT JOIN unnest(seen) AS s(webhook_id) ON s.webhook_id = p.webhook_id
-                WHERE w.enabled AND s.webhook_id IS NULL AND hookfleet.has_due_delivery(p.webhook_id, now_at)
+                SELECT o.webhook_id, o.level
+                FROM (SELECT p.webhook_id, p.level
+                      FROM pending_hooks p
+                      -- By key (see the settings read below for why LATERAL … LIMIT 1).
+                      CROSS JOIN LATERAL (SELECT w.enabled FROM hookfleet.webhooks w
+                                          WHERE w.webhook_id = p.webhook_id LIMIT 1) w
+                      -- An anti-join, hashed: the window's webhooks are not looked at twice.
+                      LEFT JOIN unnest(seen) AS s(webhook_id) ON s.webhook_id = p.webhook_id
+                      WHERE w.enabled AND s.webhook_id IS NULL
+                      -- OFFSET 0 keeps the test below out of this query, so it runs only for the
+                      -- webhooks left.
+                      OFFSET 0) o
+                WHERE hookfleet.has_due_delivery(o.webhook_id, now_at)
             ) s;
+            p_counts := NULL;
         END IF;
         CONTINUE WHEN p_ids IS NULL;
 
@@ -220,15 +225,15 @@ BEGIN
         -- Their settings, read once without locks (a stale read only ever errs towards looking
         -- further): disabled webhooks and open circuits drop out; this worker's cap and an empty
         -- bucket hold a webhook back at once; the rest are worth taking the limiter row of.
-        SELECT array_agg(s.webhook_id), array_agg(s.level), array_agg(s.version), array_agg(s.max_retries),
+        SELECT array_agg(s.webhook_id), array_agg(s.level), array_agg(s.n), array_agg(s.version), array_agg(s.max_retries),
                array_agg(s.room), array_agg(s.step), array_agg(s.tau), array_agg(s.max_in_flight),
                array_agg(CASE WHEN s.room <= 0 THEN 'busy' WHEN s.tokens <= 0 THEN 'rate_limit' ELSE 'take' END),
                array_agg(to_timestamp(s.tat - s.tau)), array_agg(s.has_bucket),
                count(*) FILTER (WHERE s.room > 0 AND COALESCE(s.tokens > 0, true))
-        INTO c_ids, c_levels, c_versions, c_retries, c_rooms, c_steps, c_taus, c_mifs, c_kinds, c_untils, c_buckets,
+        INTO c_ids, c_levels, c_counts, c_versions, c_retries, c_rooms, c_steps, c_taus, c_mifs, c_kinds, c_untils, c_buckets,
              takeable
         FROM (
-            SELECT p.webhook_id, p.level, w.version, w.max_retries, w.max_in_flight, r.tat, r.webhook_id IS NOT NULL AS has_bucket,
+            SELECT p.webhook_id, p.level, p.n, w.version, w.max_retries, w.max_in_flight, r.tat, r.webhook_id IS NOT NULL AS has_bucket,
                    CASE WHEN claim_deliveries.webhook_slots IS NULL THEN batch_size
                         ELSE claim_deliveries.webhook_slots - COALESCE(b.busy, 0) END AS room,
                    g.step, g.tau,
@@ -238,7 +243,7 @@ BEGIN
             -- Each lookup a LATERAL with LIMIT 1, so that it stays one index descent per webhook
             -- whatever the statistics: joined freely, a generic plan (which guesses 100 webhooks)
             -- hashes every webhook's row instead.
-            FROM unnest(p_ids, p_levels) WITH ORDINALITY AS p(webhook_id, level, i)
+            FROM unnest(p_ids, p_levels, p_counts) WITH ORDINALITY AS p(webhook_id, level, n, i)
             CROSS JOIN LATERAL (SELECT w.enabled, w.version, w.max_retries, w.max_in_flight, w.rate_limit_rps, w.rate_limit_burst
                                 FROM hookfleet.webhooks w WHERE w.webhook_id = p.webhook_id LIMIT 1) w
             LEFT JOIN LATERAL (SELECT h.circuit_state, h.circuit_open_until, h.circuit_probe_until
@@ -379,103 +384,94 @@ BEGIN
             END IF;
             a_allow[j] := allowance;
             a_bound[j] := bound;
-            a_taken[j] := 0;
         END LOOP;
 
-        IF phase = 1 THEN
-            -- The rows, from the window: each webhook's first rows in claim order up to what it may
-            -- take, round by round (every webhook's first row, then every second row, …) so that a
-            -- batch is shared before one webhook takes the rest. Keyed rows only once their
-            -- predecessor has settled.
-            chosen := ARRAY(
-                SELECT s.delivery_id FROM (
-                    SELECT q.delivery_id, w.ord, a.allow,
-                           row_number() OVER (PARTITION BY w.webhook_id ORDER BY w.ord) AS rank
-                    FROM unnest(w_ids, w_hooks) WITH ORDINALITY AS w(delivery_id, webhook_id, ord)
-                    JOIN unnest(l_ids, a_allow) AS a(webhook_id, allow) ON a.webhook_id = w.webhook_id
-                    -- By key and nothing else (LIMIT 1 keeps the conditions below out of it): with
-                    -- statistics of a moment without pending rows, the planner otherwise reads
-                    -- the pending-only indexes from end to end, as they look empty.
-                    CROSS JOIN LATERAL (SELECT q.delivery_id, q.webhook_id, q.delivery_status, q.next_attempt_at, q.ordering_key
-                                        FROM hookfleet.delivery_queue q WHERE q.delivery_id = w.delivery_id LIMIT 1) q
-                    WHERE a.allow > 0
-                      AND q.delivery_status = 'pending'
-                      AND q.next_attempt_at <= now_at
-                      AND (q.ordering_key IS NULL OR NOT EXISTS (
-                          SELECT 1 FROM hookfleet.delivery_queue p
-                          WHERE p.webhook_id = q.webhook_id
-                            AND p.ordering_key = q.ordering_key
-                            AND p.delivery_id <> q.delivery_id
-                            AND (p.delivery_status = 'in_flight'
-                                 OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
-                ) s
-                WHERE s.rank <= s.allow
-                ORDER BY s.rank, s.ord
-                LIMIT wanted);
-            IF cardinality(chosen) > 0 THEN
-                -- Lock them (skipping any another session holds), checking again what may have
-                -- changed since they were chosen.
-                SELECT array_agg(t.delivery_id), array_agg(t.webhook_id) INTO ids, id_hooks
-                FROM (
-                    SELECT q.delivery_id, q.webhook_id FROM hookfleet.delivery_queue q
-                    WHERE q.delivery_id = ANY (chosen)
-                      -- IS TRUE: the same test, in a form that cannot match the pending-only
-                      -- indexes' predicate, so that the rows are found by key (see above).
-                      AND (q.delivery_status = 'pending') IS TRUE
-                      AND q.next_attempt_at <= now_at
-                      AND (q.ordering_key IS NULL OR NOT EXISTS (
-                          SELECT 1 FROM hookfleet.delivery_queue p
-                          WHERE p.webhook_id = q.webhook_id
-                            AND p.ordering_key = q.ordering_key
-                            AND p.delivery_id <> q.delivery_id
-                            -- In flight blocks whatever its id: a row committed late with a lower
-                            -- id must not overtake one already being attempted.
-                            AND (p.delivery_status = 'in_flight'
-                                 OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
-                    ORDER BY q.delivery_id
-                    FOR UPDATE OF q SKIP LOCKED
-                ) t;
-                IF ids IS NOT NULL THEN
-                    -- The lease starts now, not when the claim's transaction began: a claim that
-                    -- waited (for the database, a lock, a long walk) must not hand out a lease
-                    -- that is partly spent before the worker even sees the row.
-                    lease_until := clock_timestamp() + claim_deliveries.lease;
-                    RETURN QUERY
-                    WITH marked AS (
-                        UPDATE hookfleet.delivery_queue q
-                        SET delivery_status = 'in_flight',
-                            locked_by = claim_deliveries.worker_id,
-                            locked_until = lease_until
-                        WHERE q.delivery_id = ANY (ids)
-                        RETURNING q.delivery_id, q.webhook_id, q.message_id, q.event_type, q.message_body, q.retry_count,
-                                  q.max_retries, q.created_at, q.locked_until, q.priority, q.next_attempt_at
-                    )
-                    SELECT m.delivery_id, m.webhook_id, c_versions[l_ci[l.j]], m.message_id, m.event_type,
-                           m.message_body::text, m.retry_count, COALESCE(m.max_retries, c_retries[l_ci[l.j]]),
-                           m.created_at, m.locked_until, a_probe[l.j], NULL::text
-                    FROM marked m
-                    JOIN unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j) ON l.webhook_id = m.webhook_id
-                    ORDER BY m.priority DESC, m.next_attempt_at, m.delivery_id;
-                    a_taken := ARRAY(
-                        SELECT count(t.webhook_id)::integer
-                        FROM unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j)
-                        LEFT JOIN unnest(id_hooks) AS t(webhook_id) ON t.webhook_id = l.webhook_id
-                        GROUP BY l.j ORDER BY l.j);
-                    wanted := wanted - cardinality(ids);
-                END IF;
-            END IF;
+        -- What each takes: an equal share first, round by round (every webhook's first row,
+        -- then every second row, …) so that a batch is shared before one webhook takes the rest,
+        -- each bounded by what it may take and, in phase 1, by the due rows the window holds of
+        -- it; computed over those rows' ranks, without reading the queue.
+        SELECT array_agg(COALESCE(x.share, 0) ORDER BY l.j) INTO a_share
+        FROM unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j)
+        LEFT JOIN (
+            SELECT r.j, count(*)::integer AS share
+            FROM (SELECT a.j, g.rank
+                  FROM unnest(a_allow, l_ci) WITH ORDINALITY AS a(allow, ci, j)
+                  CROSS JOIN LATERAL generate_series(1, LEAST(a.allow, COALESCE(c_counts[a.ci], a.allow))::integer) AS g(rank)
+                  ORDER BY g.rank, a.j
+                  LIMIT wanted) r
+            GROUP BY r.j
+        ) x ON x.j = l.j;
+
+        -- The rows: each webhook's share of its highest level, in claim order, from one tight range
+        -- of its index (webhook_id, priority, next_attempt_at) each, locked without waiting.
+        -- Keyed rows are taken only once their predecessor has settled.
+        SELECT array_agg(t.delivery_id), array_agg(t.webhook_id) INTO ids, id_hooks
+        FROM unnest(l_ids, a_share, l_ci) AS a(webhook_id, share, ci)
+        CROSS JOIN LATERAL (
+            SELECT q.delivery_id, q.webhook_id
+            FROM hookfleet.delivery_queue q
+            WHERE q.webhook_id = a.webhook_id
+              AND q.delivery_status = 'pending'
+              AND q.priority = c_levels[a.ci]
+              AND q.next_attempt_at <= now_at
+              AND (q.ordering_key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM hookfleet.delivery_queue p
+                  WHERE p.webhook_id = q.webhook_id
+                    AND p.ordering_key = q.ordering_key
+                    AND p.delivery_id <> q.delivery_id
+                    -- In flight blocks whatever its id: a row committed late with a lower id
+                    -- must not overtake one already being attempted.
+                    AND (p.delivery_status = 'in_flight'
+                         OR (p.delivery_status = 'pending' AND p.delivery_id < q.delivery_id))))
+            ORDER BY q.webhook_id, q.priority DESC, q.next_attempt_at, q.delivery_id
+            LIMIT a.share
+            FOR UPDATE OF q SKIP LOCKED
+        ) t
+        WHERE a.share > 0;
+        a_taken := array_fill(0, ARRAY[cardinality(l_ids)]);
+        IF ids IS NOT NULL THEN
+            -- The lease starts now, not when the claim's transaction began: a claim that waited
+            -- (for the database, a lock, a long walk) must not hand out a lease that is partly
+            -- spent before the worker even sees the row.
+            lease_until := clock_timestamp() + claim_deliveries.lease;
+            RETURN QUERY
+            WITH marked AS (
+                UPDATE hookfleet.delivery_queue q
+                SET delivery_status = 'in_flight',
+                    locked_by = claim_deliveries.worker_id,
+                    locked_until = lease_until
+                WHERE q.delivery_id = ANY (ids)
+                RETURNING q.delivery_id, q.webhook_id, q.message_id, q.event_type, q.message_body, q.retry_count,
+                          q.max_retries, q.created_at, q.locked_until, q.priority, q.next_attempt_at
+            )
+            SELECT m.delivery_id, m.webhook_id, c_versions[l_ci[l.j]], m.message_id, m.event_type,
+                   m.message_body::text, m.retry_count, COALESCE(m.max_retries, c_retries[l_ci[l.j]]),
+                   m.created_at, m.locked_until, a_probe[l.j], NULL::text
+            FROM marked m
+            JOIN unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j) ON l.webhook_id = m.webhook_id
+            ORDER BY m.priority DESC, m.next_attempt_at, m.delivery_id;
+            a_taken := ARRAY(
+                SELECT count(t.webhook_id)::integer
+                FROM unnest(l_ids) WITH ORDINALITY AS l(webhook_id, j)
+                LEFT JOIN unnest(id_hooks) AS t(webhook_id) ON t.webhook_id = l.webhook_id
+                GROUP BY l.j ORDER BY l.j);
+            wanted := wanted - cardinality(ids);
         END IF;
 
-        -- Rows outside the window: phase 2's webhooks, and in phase 1 those that may take more
-        -- than the window held of them while the batch is not full and more due rows may lie
-        -- past it. One webhook at a time, an equal share each first, then what is left.
-        IF wanted > 0 AND (phase = 2 OR window_full) THEN
+        -- More, while the batch is not full: from the webhooks that took less than their share
+        -- (rows at a lower level, locked by another session or waiting for their key's
+        -- predecessor), and, when more due rows may lie past the window, from those that may take
+        -- more than it held of them. One webhook at a time, level by level, an equal share each
+        -- first, then what is left.
+        IF wanted > 0 AND (phase = 2 OR window_full OR EXISTS (
+            SELECT 1 FROM unnest(a_taken, a_share) AS t(taken, share) WHERE t.taken < t.share)) THEN
             FOR pass IN 1 .. 2 LOOP
                 EXIT WHEN wanted <= 0;
                 share := CASE WHEN pass = 1 THEN ceil(wanted::numeric / cardinality(l_ids))::integer ELSE wanted END;
                 FOR j IN 1 .. cardinality(l_ids) LOOP
                     EXIT WHEN wanted <= 0;
-                    taking := LEAST(a_allow[j] - a_taken[j], share, wanted);
+                    taking := LEAST(CASE WHEN phase = 2 OR window_full THEN a_allow[j] ELSE a_share[j] END - a_taken[j],
+                                    share, wanted);
                     CONTINUE WHEN taking <= 0;
                     -- One priority level at a time, highest first: each level is a tight range of the
                     -- webhook's index (webhook_id, priority, next_attempt_at), so rows scheduled for

@@ -258,19 +258,13 @@ const HOT: &[Hot] = &[
         required: &[(IN_FLIGHT, &["webhook_id"])],
     },
     Hot {
-        name: "claim: the rows chosen from the window",
-        marker: "row_number() OVER (PARTITION BY w.webhook_id ORDER BY w.ord) AS rank",
-        allowed: &[PKEY, ORDERING],
-        required: &[(PKEY, &["delivery_id"])],
+        name: "claim: the take, every webhook's share at once",
+        marker: "FROM unnest(l_ids, a_share, l_ci) AS a(webhook_id, share, ci)",
+        allowed: &[WEBHOOK_DUE, ORDERING],
+        required: &[(WEBHOOK_DUE, &["webhook_id", "priority", "next_attempt_at"])],
     },
     Hot {
-        name: "claim: locking the rows chosen from the window",
-        marker: "WHERE q.delivery_id = ANY (chosen)",
-        allowed: &[PKEY, ORDERING],
-        required: &[(PKEY, &["delivery_id"])],
-    },
-    Hot {
-        name: "claim: a take past the window",
+        name: "claim: a webhook's take past its share",
         // Without plpgsql's "ids := " prefix, which PostgreSQL 13 reports differently.
         marker: "ARRAY( SELECT q.delivery_id FROM hookfleet.delivery_queue q WHERE q.webhook_id = l_ids[j]",
         allowed: &[WEBHOOK_DUE, ORDERING],

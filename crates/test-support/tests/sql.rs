@@ -2826,3 +2826,160 @@ async fn options_in_the_database_url_are_kept_beside_hookfleets_own_session_sett
         "the URL's own options are kept beside the worker's, and an operator's setting of the same name wins"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Many webhooks in one claim (issue 15: the claim decides set-based)
+// ---------------------------------------------------------------------------------------------
+
+/// `count` webhooks made in one statement, as a busy service has them; their URL and secrets are
+/// placeholders (nothing here decrypts or sends). The creation trigger gives each its health and
+/// limiter rows.
+async fn many_webhooks(client: &Client, count: i32, rate_limit_rps: Option<f64>, burst: Option<i32>) -> Vec<i64> {
+    client
+        .query(
+            "INSERT INTO hookfleet.webhooks (name, url_encrypted, secrets_encrypted, encryption_key_id, rate_limit_rps, rate_limit_burst) \
+             SELECT 'wide-' || n, '\\x00', '\\x00', 'none', $2, $3 FROM generate_series(1, $1::integer) n \
+             RETURNING webhook_id",
+            &[&count, &rate_limit_rps, &burst],
+        )
+        .await
+        .expect("create webhooks")
+        .iter()
+        .map(|row| row.get(0))
+        .collect::<BTreeSet<i64>>()
+        .into_iter()
+        .collect()
+}
+
+/// One row for each webhook, in one statement, in webhook order (so also in claim order).
+async fn one_row_each(client: &Client, webhooks: &[i64]) -> Vec<i64> {
+    client
+        .query(
+            "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+             SELECT w, '{}' FROM unnest($1::bigint[]) w ORDER BY w RETURNING delivery_id",
+            &[&webhooks],
+        )
+        .await
+        .expect("insert rows")
+        .iter()
+        .map(|row| row.get(0))
+        .collect::<BTreeSet<i64>>()
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_over_thousands_of_webhooks_takes_the_oldest_rows_one_per_webhook_and_spends_one_token_each() {
+    let db = database().await;
+    let client = db.client().await;
+    let hooks = many_webhooks(&client, 3_000, Some(1.0), Some(1)).await;
+    let first = one_row_each(&client, &hooks).await;
+    let second = one_row_each(&client, &hooks).await;
+
+    let claim = flow_claim(&client, "w1", 100, (None, None), Some(50), &[]).await;
+    assert_eq!(claim.claimed, first[..100], "the 100 oldest rows, in claim order");
+    // Each of those webhooks spent its one token (and so is reported held by its rate limit);
+    // no other webhook's bucket was touched.
+    let spent: Vec<i64> = client
+        .query("SELECT webhook_id FROM hookfleet.webhook_rate_limits WHERE tat > 0 ORDER BY webhook_id", &[])
+        .await
+        .expect("buckets")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(spent, hooks[..100]);
+    let held: BTreeSet<i64> =
+        claim.held.iter().filter(|(_, reason)| reason == "rate_limit").map(|(hook, _)| *hook).collect();
+    assert_eq!(held, hooks[..100].iter().copied().collect::<BTreeSet<_>>());
+
+    // The next claim passes over those (no token) to the next 100 webhooks' rows, never to their
+    // second rows.
+    let claim = flow_claim(&client, "w2", 100, (None, None), Some(50), &[]).await;
+    assert_eq!(claim.claimed, first[100..200]);
+    assert!(claim.claimed.iter().all(|id| !second.contains(id)));
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight'").await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_claim_passes_over_webhooks_another_claim_holds_to_the_next_ones() {
+    let db = database().await;
+    let client = db.client().await;
+    let hooks = many_webhooks(&client, 1_000, None, None).await;
+    let rows = one_row_each(&client, &hooks).await;
+
+    // A claim left open (a psql prompt, or a worker's claim in progress) holds the first 10
+    // webhooks' limiter rows and their rows.
+    let other = db.client().await;
+    other.batch_execute("BEGIN").await.expect("begin");
+    let open: Vec<i64> = other
+        .query("SELECT delivery_id FROM hookfleet.get_ready_deliveries('psql', 10, interval '60 seconds')", &[])
+        .await
+        .expect("open claim")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(sorted(open), rows[..10]);
+
+    // The next claim neither waits nor comes back empty: it takes the following webhooks' rows
+    // and reports the held ones as contended, to be looked at again soon.
+    let claim = tokio::time::timeout(Duration::from_secs(10), flow_claim(&client, "w1", 20, (None, None), None, &[]))
+        .await
+        .expect("the claim did not wait");
+    assert_eq!(claim.claimed, rows[10..30]);
+    let contended: Vec<i64> =
+        claim.held.iter().filter(|(_, reason)| reason == "contended").map(|(hook, _)| *hook).collect();
+    assert_eq!(sorted(contended), hooks[..10]);
+    other.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(flow_claim(&client, "w2", 10, (None, None), None, &[]).await.claimed, rows[..10]);
+}
+
+#[tokio::test]
+async fn concurrent_claims_over_many_webhooks_take_every_row_once_and_keep_each_rate() {
+    let db = database().await;
+    let client = db.client().await;
+    // 500 webhooks with a burst of 2 and 4 rows each: at most 2 rows of each may go now.
+    let hooks = many_webhooks(&client, 500, Some(0.001), Some(2)).await;
+    for _ in 0..4 {
+        one_row_each(&client, &hooks).await;
+    }
+    let claims: Vec<_> = (0..6)
+        .map(|n| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+                tokio::spawn(connection);
+                let mut taken = Vec::new();
+                // Bounded: far more rounds than the 1,000 rows need.
+                for _ in 0..200 {
+                    let claim = flow_claim(&client, &format!("w{n}"), 37, (None, None), None, &[]).await;
+                    if claim.claimed.is_empty() && claim.held.iter().all(|(_, reason)| reason != "contended") {
+                        break;
+                    }
+                    taken.extend(claim.claimed);
+                }
+                taken
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for claim in claims {
+        all.extend(claim.await.expect("claimer"));
+    }
+    let distinct: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "no row was claimed twice");
+    assert_eq!(all.len(), 1_000, "two rows of each of the 500 webhooks, no more");
+    let per_webhook: Vec<(i64, i64)> = client
+        .query(
+            "SELECT webhook_id, count(*) FROM hookfleet.delivery_queue WHERE delivery_status = 'in_flight' GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("per webhook")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(per_webhook, hooks.iter().map(|hook| (*hook, 2)).collect::<Vec<_>>());
+}
