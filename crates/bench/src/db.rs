@@ -24,9 +24,33 @@ pub struct BenchDb {
     pub client: Client,
     pub encryption_key: String,
     pub webhook_ids: Vec<i64>,
-    /// pg_stat_statements is loaded (`--statements`).
+    /// pg_stat_statements is loaded (`--statements`): report the top statements.
     pub statements: bool,
+    /// pg_stat_statements is loaded for the claim's figures (wide scenarios).
+    pub claims: bool,
 }
+
+/// How one webhook of a run is set up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HookSpec {
+    /// `rate_limit_rps`; `None`: a limit that never binds (the limiter's bookkeeping is measured,
+    /// not its waits).
+    pub rate_limit_rps: Option<f64>,
+    /// Points at the receiver's `/fail/<n>` (HTTP 500) rather than `/w/<n>`.
+    pub fails: bool,
+}
+
+/// Which pg_stat_statements figures a database gives (the library must be preloaded).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatementStats {
+    /// `--statements`: each run's top statements.
+    pub top: bool,
+    /// The claim statement's calls, rows and buffers (the wide scenarios).
+    pub claims: bool,
+}
+
+/// Sessions creating webhooks at once: 10,000 creations take seconds, not minutes.
+const CREATE_SESSIONS: usize = 8;
 
 /// Creates database `name` (dropping a leftover), migrates it and creates `webhooks` webhooks
 /// pointing at `<receiver>/w/<n>` (`receiver` is the receiver's base URL), subscribed to
@@ -39,46 +63,101 @@ pub async fn create(
     event_types: &[&str],
     statements: bool,
 ) -> anyhow::Result<BenchDb> {
+    let hooks = vec![HookSpec::default(); usize::from(webhooks)];
+    let stats = StatementStats { top: statements, claims: false };
+    create_with(server_url, name, receiver, &hooks, event_types, stats).await
+}
+
+/// [`create`] with one webhook per `hooks` entry (webhook `n`, 1-based, is `hooks[n - 1]`).
+///
+/// Every webhook is made by core's own `WebhookStore::create` (URL check, encrypted URL and
+/// secret bound to its id, the trigger's health and rate-limit rows), from `CREATE_SESSIONS`
+/// sessions at once that commit without waiting for the WAL flush (`ALTER DATABASE … SET
+/// synchronous_commit = off` while they run, reset before anything else connects): about 2,000
+/// webhooks a second here rather than one fsync each.
+pub async fn create_with(
+    server_url: impl Fn(&str) -> String,
+    name: &str,
+    receiver: &str,
+    hooks: &[HookSpec],
+    event_types: &[&str],
+    stats: StatementStats,
+) -> anyhow::Result<BenchDb> {
+    anyhow::ensure!(hooks.len() <= usize::from(u16::MAX), "at most {} webhooks per run", u16::MAX);
     let admin = hookfleet_core::db::connect(&server_url("postgres"), "bench").await?;
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
     let url = server_url(name);
     let mut client = hookfleet_core::db::connect(&url, "bench").await?;
     hookfleet_core::db::migrate(&mut client, 262_144).await?;
-    if statements {
+    if stats.top || stats.claims {
         client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
     }
     let encryption_key = EncryptionKey::generate_base64();
     let keyring = Keyring::from_settings(Some(&SecretString::from(encryption_key.clone())), &[])?;
-    let store = WebhookStore::new(hookfleet_core::db::pool(&url, "bench", 2)?, Arc::new(keyring));
-    let http = DeliveryClient::new(ClientOptions {
+    let bulk = hooks.len() > CREATE_SESSIONS;
+    if bulk {
+        admin.batch_execute(&format!("ALTER DATABASE {name} SET synchronous_commit = off")).await?;
+    }
+    let sessions = if bulk { CREATE_SESSIONS } else { 1 };
+    let store = WebhookStore::new(hookfleet_core::db::pool(&url, "bench", sessions)?, Arc::new(keyring));
+    let http = Arc::new(DeliveryClient::new(ClientOptions {
         allow_http: true,
         allowed_cidrs: vec!["127.0.0.0/8".parse()?],
         connect_timeout: Duration::from_secs(2),
         response_body_cap: 1024,
         user_agent: "hookfleet-bench".into(),
         extra_root_certificates: Vec::new(),
-    })?;
-    let mut webhook_ids = Vec::new();
-    for n in 1..=webhooks {
-        let webhook = store
-            .create(
-                NewWebhook {
-                    name: Some(format!("bench-{n}")),
-                    url: format!("{receiver}/w/{n}"),
-                    event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
-                    enabled: true,
-                    // A limit that never binds: the limiter's bookkeeping is measured, not its waits.
-                    rate_limit_rps: Some(1_000_000.0),
-                    ..NewWebhook::default()
-                },
-                &http,
-            )
-            .await
-            .context("create webhook")?;
-        webhook_ids.push(webhook.webhook_id);
+    })?);
+    let event_types: Vec<String> = event_types.iter().map(|t| (*t).to_owned()).collect();
+    // Session k creates webhooks k+1, k+1+sessions, …; the ids are put back in webhook order.
+    let mut tasks = tokio::task::JoinSet::new();
+    for first in 0..sessions {
+        let (store, http, event_types) = (store.clone(), http.clone(), event_types.clone());
+        let mine: Vec<(usize, HookSpec)> = hooks.iter().copied().enumerate().skip(first).step_by(sessions).collect();
+        let receiver = receiver.to_owned();
+        tasks.spawn(async move {
+            let mut made = Vec::with_capacity(mine.len());
+            for (index, hook) in mine {
+                let n = index + 1;
+                let path = if hook.fails { "fail" } else { "w" };
+                let webhook = store
+                    .create(
+                        NewWebhook {
+                            name: Some(format!("bench-{n}")),
+                            url: format!("{receiver}/{path}/{n}"),
+                            event_types: event_types.clone(),
+                            enabled: true,
+                            rate_limit_rps: Some(hook.rate_limit_rps.unwrap_or(1_000_000.0)),
+                            ..NewWebhook::default()
+                        },
+                        &http,
+                    )
+                    .await
+                    .context("create webhook")?;
+                made.push((index, webhook.webhook_id));
+            }
+            anyhow::Ok(made)
+        });
     }
-    Ok(BenchDb { name: name.to_owned(), url, client, encryption_key, webhook_ids, statements })
+    let mut webhook_ids = vec![0i64; hooks.len()];
+    while let Some(made) = tasks.join_next().await {
+        for (index, id) in made.context("webhook creation task")?? {
+            webhook_ids[index] = id;
+        }
+    }
+    if bulk {
+        admin.batch_execute(&format!("ALTER DATABASE {name} RESET synchronous_commit")).await?;
+    }
+    Ok(BenchDb {
+        name: name.to_owned(),
+        url,
+        client,
+        encryption_key,
+        webhook_ids,
+        statements: stats.top,
+        claims: stats.claims,
+    })
 }
 
 impl BenchDb {
@@ -243,9 +322,9 @@ impl BenchDb {
         })
     }
 
-    /// Starts pg_stat_statements' counts afresh (no-op without `--statements`).
+    /// Starts pg_stat_statements' counts afresh (no-op when it is not loaded).
     pub async fn reset_statements(&self) -> anyhow::Result<()> {
-        if self.statements {
+        if self.statements || self.claims {
             self.client.batch_execute("SELECT pg_stat_statements_reset()").await?;
         }
         Ok(())
@@ -267,22 +346,99 @@ impl BenchDb {
                 &[&limit],
             )
             .await?;
-        Ok(rows
+        Ok(rows.iter().map(statement_of).collect())
+    }
+
+    /// The workers' claim statement (`sql/queries/claim.sql`, top level) since the last reset:
+    /// calls, rows returned, buffers (`shared_blks_hit + shared_blks_read`, which include the
+    /// statements run inside the function) and execution time. `None` when pg_stat_statements is
+    /// not loaded or no claim ran.
+    pub async fn claim_statement(&self) -> anyhow::Result<Option<ClaimStatement>> {
+        if !self.claims && !self.statements {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_one(
+                "SELECT sum(calls)::bigint, sum(rows)::bigint, sum(shared_blks_hit + shared_blks_read)::bigint, \
+                        sum(total_exec_time)::float8 \
+                 FROM pg_stat_statements \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND toplevel AND query LIKE '%FROM hookfleet.claim_deliveries(%'",
+                &[],
+            )
+            .await?;
+        let calls: Option<i64> = row.get(0);
+        Ok(calls.filter(|calls| *calls > 0).map(|calls| ClaimStatement {
+            calls,
+            rows: row.get::<_, Option<i64>>(1).unwrap_or(0),
+            buffers: row.get::<_, Option<i64>>(2).unwrap_or(0),
+            exec_ms: row.get::<_, Option<f64>>(3).unwrap_or(0.0),
+        }))
+    }
+
+    /// The statements run inside the claim, by total execution time (`--statements` only):
+    /// nested statements whose text (up to its first parameter, whitespace folded) is part of
+    /// the source of `hookfleet.claim_deliveries` or of a `hookfleet` function that source calls.
+    /// pg_stat_statements does not record the caller, so this matches by text.
+    pub async fn claim_inner_statements(&self, limit: usize) -> anyhow::Result<Vec<Statement>> {
+        if !self.statements {
+            return Ok(Vec::new());
+        }
+        let sources: Vec<String> = self
+            .client
+            .query(
+                "WITH claim AS (SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                                WHERE n.nspname = 'hookfleet' AND p.proname = 'claim_deliveries') \
+                 SELECT regexp_replace(p.prosrc, '\\s+', ' ', 'g') FROM pg_proc p \
+                 JOIN pg_namespace n ON n.oid = p.pronamespace, claim \
+                 WHERE n.nspname = 'hookfleet' \
+                   AND (p.proname = 'claim_deliveries' OR claim.prosrc LIKE '%hookfleet.' || p.proname || '(%')",
+                &[],
+            )
+            .await?
             .iter()
-            .map(|row| {
-                let calls: i64 = row.get(0);
-                let total_ms: f64 = row.get(1);
-                Statement {
-                    calls,
-                    total_ms,
-                    plan_ms: row.get(2),
-                    mean_ms: total_ms / calls.max(1) as f64,
-                    rows: row.get(3),
-                    toplevel: row.get(4),
-                    query: row.get(5),
+            .map(|row| row.get(0))
+            .collect();
+        let nested = self.statements_matching(false, 1000).await?;
+        let mut inside: Vec<Statement> = nested
+            .into_iter()
+            .filter(|statement| {
+                // PL/pgSQL sends `PERFORM …` as `SELECT …`, drops `INTO …` and wraps a condition
+                // in `SELECT`: compare the first 40 characters, with and without that `SELECT`.
+                let prefix: String = statement.query.split('$').next().unwrap_or_default().chars().take(40).collect();
+                let prefix = prefix.trim();
+                let bare = prefix.strip_prefix("SELECT ").map(str::trim);
+                let mut candidates = vec![prefix.to_owned()];
+                if let Some(bare) = bare {
+                    candidates.push(format!("PERFORM {bare}"));
+                    if bare.len() >= 20 {
+                        candidates.push(bare.to_owned());
+                    }
                 }
+                statement.calls > 0
+                    && prefix.len() >= 20
+                    && candidates.iter().any(|text| sources.iter().any(|source| source.contains(text.as_str())))
             })
-            .collect())
+            .collect();
+        inside.truncate(limit);
+        Ok(inside)
+    }
+
+    /// This database's statements by total execution time (empty without `--statements`).
+    async fn statements_matching(&self, toplevel: bool, limit: i64) -> anyhow::Result<Vec<Statement>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT calls, total_exec_time + total_plan_time, total_plan_time, rows, toplevel, \
+                        regexp_replace(query, '\\s+', ' ', 'g') \
+                 FROM pg_stat_statements \
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND toplevel = $2 \
+                 ORDER BY total_exec_time + total_plan_time DESC LIMIT $1",
+                &[&limit, &toplevel],
+            )
+            .await?;
+        Ok(rows.iter().map(statement_of).collect())
     }
 
     /// Drops this database (from the `postgres` database) once a scenario is done with it.
@@ -305,6 +461,32 @@ pub struct LatencySplit {
     pub settle_p99: f64,
     pub http_p50: f64,
     pub http_p99: f64,
+}
+
+fn statement_of(row: &tokio_postgres::Row) -> Statement {
+    let calls: i64 = row.get(0);
+    let total_ms: f64 = row.get(1);
+    let query: String = row.get(5);
+    Statement {
+        calls,
+        total_ms,
+        plan_ms: row.get(2),
+        mean_ms: total_ms / calls.max(1) as f64,
+        rows: row.get(3),
+        toplevel: row.get(4),
+        query: query.chars().take(160).collect(),
+    }
+}
+
+/// The workers' claim statement in pg_stat_statements.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct ClaimStatement {
+    pub calls: i64,
+    /// Rows returned (deliveries claimed, and one per webhook held back).
+    pub rows: i64,
+    /// shared_blks_hit + shared_blks_read, nested statements included.
+    pub buffers: i64,
+    pub exec_ms: f64,
 }
 
 /// One line of pg_stat_statements.

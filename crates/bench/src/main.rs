@@ -11,6 +11,12 @@
 //! - **steady**, **outbox**, **fanout**: producers at a fixed offered rate (multi-row INSERTs,
 //!   transactions of 10 INSERTs, `hookfleet.publish` to 10 webhooks) with the workers running;
 //!   enqueue→arrival latency percentiles.
+//! - **wide**, **skewed**, **publish** (issue 15, many webhooks at a low rate each): a producer at
+//!   a fixed rate spread evenly over 1,000 and 10,000 webhooks (1,000/s) and over 200 (500/s);
+//!   a Zipf spread over 10,000 webhooks with binding rate limits and failing receivers, latency
+//!   of the free webhooks; one `hookfleet.publish` to 10,000 webhooks (commit → last arrival).
+//!   Each also reports claims, claim time, attempts per claim and buffers per claimed row
+//!   (pg_stat_statements is loaded for them, and each worker's /metrics is scraped).
 //! - **aged**: the workers' claim measured by pgbench in a fresh table, after 1,000,000 rows went
 //!   through the queue, after VACUUM, and after retention pruned them.
 //!
@@ -24,6 +30,7 @@ mod procs;
 mod receiver;
 mod report;
 mod scenarios;
+mod wide;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -45,6 +52,27 @@ enum Scenario {
     Steady,
     Outbox,
     Fanout,
+    Wide,
+    Skewed,
+    Publish,
+}
+
+/// A wide run's size: `<webhooks>x<deliveries/s>`, e.g. `10000x1000`.
+#[derive(Clone, Copy, Debug)]
+struct WideSize {
+    webhooks: u32,
+    rate: f64,
+}
+
+fn wide_size(text: &str) -> Result<WideSize, String> {
+    let (webhooks, rate) =
+        text.split_once(['x', 'X']).ok_or_else(|| format!("`{text}`: expected <webhooks>x<rate>, e.g. 1000x1000"))?;
+    let webhooks: u32 = webhooks.trim().parse().map_err(|_| format!("`{text}`: webhooks must be a whole number"))?;
+    let rate: f64 = rate.trim().parse().map_err(|_| format!("`{text}`: rate must be a number"))?;
+    if webhooks == 0 || webhooks > u32::from(u16::MAX) || !rate.is_finite() || rate <= 0.0 {
+        return Err(format!("`{text}`: webhooks must be 1 to 65535 and the rate positive"));
+    }
+    Ok(WideSize { webhooks, rate })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -55,7 +83,7 @@ enum ReceiverKind {
 
 #[derive(Parser)]
 #[command(
-    about = "Measure hookfleet on this machine: ceiling, contract, drain, steady, outbox, fanout and aged scenarios"
+    about = "Measure hookfleet on this machine: ceiling, contract, drain, steady, outbox, fanout, wide, skewed, publish and aged scenarios"
 )]
 struct Args {
     /// Small sizes for a smoke run of well under a minute (once built): 10,000 drain rows, 5 s per
@@ -63,7 +91,11 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Which scenarios to run, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "ceiling,contract,drain,steady,outbox,fanout,aged")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,contract,drain,steady,outbox,fanout,wide,skewed,publish,aged"
+    )]
     scenarios: Vec<Scenario>,
     /// Worker counts of the drain runs, one drain each.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
@@ -89,6 +121,19 @@ struct Args {
     /// Webhooks subscribed to the fanout event.
     #[arg(long, default_value_t = 10)]
     fanout_webhooks: u16,
+    /// Wide runs, one each: <webhooks>x<deliveries/s>, traffic spread evenly (round-robin)
+    /// [default: 1000x1000,10000x1000,200x500; --quick 1000x1000,200x500].
+    #[arg(long, value_delimiter = ',', value_parser = wide_size)]
+    wide: Vec<WideSize>,
+    /// The skewed run: <webhooks>x<deliveries/s>, Zipf spread [default: 10000x1000; --quick 1000x1000].
+    #[arg(long, value_parser = wide_size)]
+    skewed: Option<WideSize>,
+    /// Webhooks the publish run fans one event out to [default: 10000; --quick 1000].
+    #[arg(long)]
+    publish_webhooks: Option<u32>,
+    /// How long the wide and skewed producers run [default: 30s; --quick 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wide_duration: Option<Duration>,
     /// How long each paced producer runs [default: 60s; --quick 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -134,6 +179,22 @@ async fn main() -> anyhow::Result<()> {
     let duration = args.duration.unwrap_or(Duration::from_secs(if quick { 5 } else { 60 }));
     let settle_timeout = args.settle_timeout.unwrap_or(Duration::from_secs(if quick { 10 } else { 60 }));
     let timeout = args.timeout.unwrap_or(Duration::from_secs(if quick { 120 } else { 600 }));
+    let wide_sizes = if args.wide.is_empty() {
+        let size = |webhooks, rate| WideSize { webhooks, rate };
+        if quick {
+            vec![size(1_000, 1_000.0), size(200, 500.0)]
+        } else {
+            vec![size(1_000, 1_000.0), size(10_000, 1_000.0), size(200, 500.0)]
+        }
+    } else {
+        args.wide.clone()
+    };
+    let skewed = args.skewed.unwrap_or(WideSize { webhooks: if quick { 1_000 } else { 10_000 }, rate: 1_000.0 });
+    let publish_webhooks = args.publish_webhooks.unwrap_or(if quick { 1_000 } else { 10_000 });
+    let wide_duration = args.wide_duration.unwrap_or(Duration::from_secs(if quick { 5 } else { 30 }));
+    if publish_webhooks == 0 || publish_webhooks > u32::from(u16::MAX) {
+        bail!("--publish-webhooks must be 1 to 65535");
+    }
     if rows == 0 || ceiling_rows < 300 || args.workers.contains(&0) || args.load_workers == 0 {
         bail!("--rows, --ceiling-rows (at least 300), --workers and --load-workers must be positive");
     }
@@ -152,15 +213,30 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut settings: Vec<(String, String)> =
         vec![("max_connections".into(), "200".into()), ("shared_buffers".into(), "256MB".into())];
-    if args.statements {
+    // The wide scenarios always report the claim statement's calls, rows and buffers.
+    let wants_claims =
+        args.scenarios.iter().any(|s| matches!(s, Scenario::Wide | Scenario::Skewed | Scenario::Publish));
+    let mut claim_stats = false;
+    if args.statements || wants_claims {
         let bindir = EmbeddedPostgres::find_bindir()?;
         let library = bindir.parent().map(|dir| dir.join("lib/pg_stat_statements.so"));
-        if !library.as_ref().is_some_and(|path| path.exists()) {
+        let available = library.as_ref().is_some_and(|path| path.exists());
+        if !available && args.statements {
             bail!(
                 "--statements needs pg_stat_statements next to {} (apt-get install postgresql-contrib)",
                 bindir.display()
             );
         }
+        if !available {
+            println!(
+                "pg_stat_statements not found next to {}: the wide runs report no claim counts or buffers \
+                 (apt-get install postgresql-contrib)",
+                bindir.display()
+            );
+        }
+        claim_stats = available && wants_claims;
+    }
+    if args.statements || claim_stats {
         settings.push(("shared_preload_libraries".into(), "pg_stat_statements".into()));
         settings.push(("pg_stat_statements.track".into(), "all".into()));
         settings.push(("pg_stat_statements.track_planning".into(), "on".into()));
@@ -195,6 +271,7 @@ async fn main() -> anyhow::Result<()> {
         drain_rows: rows,
         ceiling_rows,
         paced_seconds: duration.as_secs_f64(),
+        wide_seconds: wide_duration.as_secs_f64(),
         settle_timeout_seconds: settle_timeout.as_secs_f64(),
         timeout_seconds: timeout.as_secs_f64(),
         receiver: match args.receiver {
@@ -216,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
         settle_timeout,
         tick: args.tick,
         statements: args.statements,
+        claim_stats,
     };
 
     let mut runs: Vec<Run> = Vec::new();
@@ -261,6 +339,40 @@ async fn main() -> anyhow::Result<()> {
                     webhooks: args.fanout_webhooks.max(1),
                 }),
             )),
+            Scenario::Wide => {
+                for size in &wide_sizes {
+                    plan.push((
+                        format!(
+                            "wide {} webhooks × {}/s for {wide_duration:?}, {} workers",
+                            size.webhooks, size.rate, args.load_workers
+                        ),
+                        Job::Wide(wide::Wide {
+                            webhooks: size.webhooks,
+                            rate: size.rate,
+                            duration: wide_duration,
+                            workers: args.load_workers,
+                            skewed: false,
+                        }),
+                    ));
+                }
+            }
+            Scenario::Skewed => plan.push((
+                format!(
+                    "skewed {} webhooks × {}/s for {wide_duration:?}, {} workers",
+                    skewed.webhooks, skewed.rate, args.load_workers
+                ),
+                Job::Wide(wide::Wide {
+                    webhooks: skewed.webhooks,
+                    rate: skewed.rate,
+                    duration: wide_duration,
+                    workers: args.load_workers,
+                    skewed: true,
+                }),
+            )),
+            Scenario::Publish => plan.push((
+                format!("publish to {publish_webhooks} webhooks, {} workers", args.load_workers),
+                Job::Publish(publish_webhooks),
+            )),
         }
         for (title, job) in plan {
             println!("{title} …");
@@ -270,6 +382,8 @@ async fn main() -> anyhow::Result<()> {
                 Job::Aged => scenarios::aged(&env, aged_rows).await,
                 Job::Drain(workers) => scenarios::drain(&env, rows, *workers).await,
                 Job::Paced(paced) => scenarios::paced(&env, paced).await,
+                Job::Wide(size) => wide::wide(&env, size).await,
+                Job::Publish(webhooks) => wide::publish(&env, *webhooks, args.load_workers).await,
             };
             match result {
                 Ok(run) => {
@@ -303,6 +417,8 @@ enum Job {
     Aged,
     Drain(u32),
     Paced(Paced),
+    Wide(wide::Wide),
+    Publish(u32),
 }
 
 fn one_line(run: &Run) -> String {
@@ -321,6 +437,15 @@ fn one_line(run: &Run) -> String {
     }
     if let Some(cpu) = run.worker_cpu_seconds_per_1000 {
         line += &format!(", worker CPU {cpu:.3} s/1000");
+    }
+    if let Some(claims) = run.claims {
+        line += &format!(", {claims} claims");
+    }
+    if let Some(mean) = run.claim_mean_ms {
+        line += &format!(" of {mean:.2} ms mean");
+    }
+    if let Some(last) = run.publish_last_arrival_s {
+        line += &format!(", last arrival {last:.2} s after the publish");
     }
     if !run.complete {
         line += " (incomplete)";

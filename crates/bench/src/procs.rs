@@ -26,12 +26,17 @@ pub struct WorkerSpec<'a> {
 /// N running `hookfleet-worker` processes; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Fleet {
     children: Vec<Child>,
+    /// Each worker's `METRICS_ADDR` (a loopback port that was free when the worker started).
+    metrics_addrs: Vec<String>,
 }
 
 impl Fleet {
     pub fn start(spec: &WorkerSpec<'_>, count: u32, tag: &str) -> anyhow::Result<Fleet> {
-        let mut fleet = Fleet { children: Vec::new() };
+        let mut fleet = Fleet { children: Vec::new(), metrics_addrs: Vec::new() };
         for n in 1..=count {
+            // A port free now: the worker binds it a moment later (a worker that cannot exits,
+            // and `exited` reports it).
+            let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
             let mut command = Command::new(spec.binary);
             command
                 .env("DATABASE_URL", spec.database_url)
@@ -39,7 +44,7 @@ impl Fleet {
                 .env("HOOKFLEET_ALLOW_HTTP", "true")
                 .env("HOOKFLEET_ALLOWED_CIDRS", "127.0.0.0/8")
                 .env("WORKER_ID", format!("bench-{tag}-{n}"))
-                .env("METRICS_ADDR", "127.0.0.1:0")
+                .env("METRICS_ADDR", &metrics_addr)
                 .env("BATCH_SIZE", spec.batch_size.to_string())
                 .env("HOOKFLEET_MAX_IN_FLIGHT", spec.max_in_flight.to_string())
                 .env("HOOKFLEET_SHUTDOWN_GRACE", "5s")
@@ -58,8 +63,21 @@ impl Fleet {
                 });
             }
             fleet.children.push(command.spawn().context("start hookfleet-worker")?);
+            fleet.metrics_addrs.push(metrics_addr);
         }
         Ok(fleet)
+    }
+
+    /// Every worker's `webhook_claim_duration_seconds` histogram, added up (a worker whose
+    /// `/metrics` does not answer within 2 s is left out).
+    pub async fn claim_histogram(&self) -> ClaimHistogram {
+        let mut total = ClaimHistogram::default();
+        for addr in &self.metrics_addrs {
+            if let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(2), scrape(addr)).await {
+                total.add(&ClaimHistogram::parse(&text));
+            }
+        }
+        total
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -116,6 +134,83 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// `GET /metrics` over HTTP/1.0 (so the answer is neither chunked nor kept alive).
+async fn scrape(addr: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// The claim-duration histogram of one or more workers: cumulative bucket counts by upper bound
+/// (seconds), the sum of the durations and the number of claims.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimHistogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+const CLAIM_METRIC: &str = "webhook_claim_duration_seconds";
+
+impl ClaimHistogram {
+    fn parse(text: &str) -> ClaimHistogram {
+        let mut histogram = ClaimHistogram::default();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(CLAIM_METRIC) else { continue };
+            let Some((name, value)) = rest.rsplit_once(' ') else { continue };
+            let Ok(value) = value.trim().parse::<f64>() else { continue };
+            if name == "_sum" {
+                histogram.sum = value;
+            } else if name == "_count" {
+                histogram.count = value;
+            } else if let Some(le) = name.strip_prefix("_bucket{le=\"").and_then(|le| le.strip_suffix("\"}")) {
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+                histogram.buckets.push((bound, value));
+            }
+        }
+        histogram
+    }
+
+    fn add(&mut self, other: &ClaimHistogram) {
+        self.combine(other, 1.0);
+    }
+
+    /// What happened since `earlier` (an earlier scrape of the same workers).
+    pub fn since(&self, earlier: &ClaimHistogram) -> ClaimHistogram {
+        let mut delta = self.clone();
+        delta.combine(earlier, -1.0);
+        delta
+    }
+
+    fn combine(&mut self, other: &ClaimHistogram, sign: f64) {
+        self.sum += sign * other.sum;
+        self.count += sign * other.count;
+        for &(bound, count) in &other.buckets {
+            match self.buckets.iter_mut().find(|(b, _)| *b == bound) {
+                Some((_, mine)) => *mine += sign * count,
+                None => self.buckets.push((bound, sign * count)),
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// Mean claim duration, ms.
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count * 1000.0)
+    }
+
+    /// The upper bound (ms) of the bucket holding the 99th percentile: p99 is at most this.
+    pub fn p99_bound_ms(&self) -> Option<f64> {
+        let rank = 0.99 * self.count;
+        (self.count > 0.0)
+            .then(|| self.buckets.iter().find(|(_, cumulative)| *cumulative >= rank).map(|(bound, _)| bound * 1000.0))
+            .flatten()
     }
 }
 

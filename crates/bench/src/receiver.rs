@@ -1,7 +1,9 @@
 //! The loopback receiver: an axum server in this process (HTTP/1.1 keep-alive, or HTTPS with a
-//! throwaway CA where ALPN picks HTTP/2) that answers 200 to everything and records each request's webhook (the URL path `/w/<n>`), `webhook-id`, arrival
-//! time and, when the body carries the producer's `sent_at_us`, the enqueue→arrival latency
-//! measured against this process's own clock (same machine, same clock as the producer).
+//! throwaway CA where ALPN picks HTTP/2) that answers 200 to everything and records each request's
+//! webhook (the URL path `/w/<n>`), `webhook-id`, arrival time and, when the body carries the
+//! producer's `sent_at_us`, the enqueue→arrival latency measured against this process's own clock
+//! (same machine, same clock as the producer). The path `/fail/<n>` answers 500 and is only
+//! counted: the skewed scenario's failing webhooks point there, so they retry and their circuits open.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use hookfleet_test_support::LoopbackTls;
 use serde::Deserialize;
 
 /// One request as the receiver saw it.
+#[derive(Clone)]
 pub struct Arrival {
     /// Which webhook: the `<n>` of the URL path `/w/<n>` (0 for any other path).
     pub hook: u16,
@@ -28,6 +31,8 @@ pub struct Arrival {
 pub struct Receiver {
     arrivals: Mutex<Vec<Arrival>>,
     requests: AtomicU64,
+    /// Requests to `/fail/<n>` (answered 500, not recorded as arrivals).
+    failures: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -70,16 +75,27 @@ impl Receiver {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Requests answered 500 (`/fail/<n>`) since the last `take`.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     /// Distinct (webhook, webhook-id) pairs seen since the last `take`.
     pub fn unique(&self) -> u64 {
+        self.unique_matching(|_| true)
+    }
+
+    /// Distinct (webhook, webhook-id) pairs of the webhooks `keep` accepts, since the last `take`.
+    pub fn unique_matching(&self, keep: impl Fn(u16) -> bool) -> u64 {
         let arrivals = self.lock();
-        arrivals.iter().map(|a| (a.hook, &*a.id)).collect::<HashSet<_>>().len() as u64
+        arrivals.iter().filter(|a| keep(a.hook)).map(|a| (a.hook, &*a.id)).collect::<HashSet<_>>().len() as u64
     }
 
     /// Everything recorded so far; starts a fresh record.
     pub fn take(&self) -> Vec<Arrival> {
         let mut arrivals = self.lock();
         self.requests.store(0, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
         std::mem::take(&mut *arrivals)
     }
 }
@@ -89,6 +105,10 @@ pub fn now_us() -> i64 {
 }
 
 async fn receive(State(receiver): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if uri.path().starts_with("/fail/") {
+        receiver.failures.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     let received_us = now_us();
     let at = Instant::now();
     let id = headers.get("webhook-id").and_then(|value| value.to_str().ok()).unwrap_or_default();

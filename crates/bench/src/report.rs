@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::db::{LatencySplit, QueueSize, Statement};
+use crate::db::{ClaimStatement, LatencySplit, QueueSize, Statement};
 
 /// One measured run (a scenario at one setting). Fields that do not apply are `None`.
 #[derive(Serialize, Clone, Debug, Default)]
@@ -69,7 +69,28 @@ pub struct Run {
     pub claim_ms_vacuumed: Option<f64>,
     pub claim_ms_pruned: Option<f64>,
     pub prune_rows_per_second: Option<f64>,
+    /// Wide scenarios: webhooks the traffic was spread over.
+    pub webhooks: Option<u32>,
+    /// Wide scenarios: claims in the measured window (pg_stat_statements calls of the claim
+    /// statement, else the workers' claim histogram count).
+    pub claims: Option<u64>,
+    /// Mean claim duration (the workers' `webhook_claim_duration_seconds`), ms.
+    pub claim_mean_ms: Option<f64>,
+    /// Upper bound of the histogram bucket holding the p99 claim duration, ms.
+    pub claim_p99_bound_ms: Option<f64>,
+    /// Attempts (requests at the receiver, failing path included) per claim.
+    pub rows_per_claim: Option<f64>,
+    /// shared_blks_hit + shared_blks_read of the claim statement per attempt.
+    pub buffers_per_claimed_row: Option<f64>,
+    pub claim_statement: Option<ClaimStatement>,
+    /// publish: from the publish's commit to the last arrival, s; arrivals' p50/p99 since it, ms.
+    pub publish_last_arrival_s: Option<f64>,
+    pub publish_arrival_p50_ms: Option<f64>,
+    pub publish_arrival_p99_ms: Option<f64>,
     pub note: String,
+    /// `--statements`, wide scenarios: the statements run inside the claim.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claim_statements: Vec<Statement>,
     /// `--statements`: this run's statements by total execution time (pg_stat_statements).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub statements: Vec<Statement>,
@@ -88,6 +109,8 @@ pub struct Context {
     pub drain_rows: u32,
     pub ceiling_rows: u32,
     pub paced_seconds: f64,
+    /// How long the wide and skewed producers ran.
+    pub wide_seconds: f64,
     pub settle_timeout_seconds: f64,
     pub timeout_seconds: f64,
     pub receiver: &'static str,
@@ -267,6 +290,75 @@ pub fn targets(runs: &[Run]) -> Vec<Target> {
         measured: if cpu.is_empty() { "not run".into() } else { cpu.join("; ") },
         verdict: "—",
     });
+    // Issue 15: many webhooks, each at a low rate.
+    let wide = |webhooks: u32, rate: f64| {
+        runs.iter().find(|r| r.scenario == "wide" && r.webhooks == Some(webhooks) && r.offered_rate == Some(rate))
+    };
+    for (webhooks, rate, p50_max, p99_max, target) in [
+        (1_000, 1_000.0, Some(5.0), 25.0, "wide 1,000 webhooks at 1,000/s: p50 ≤ 5 ms and p99 ≤ 25 ms"),
+        (10_000, 1_000.0, Some(5.0), 25.0, "wide 10,000 webhooks at 1,000/s: p50 ≤ 5 ms and p99 ≤ 25 ms"),
+        (200, 500.0, None, 10.0, "wide 200 webhooks at 500/s: p99 ≤ 10 ms (Svix measured 19–21 ms)"),
+    ] {
+        out.push(match wide(webhooks, rate) {
+            Some(r) => match (r.latency_p50_ms, r.latency_p99_ms) {
+                (Some(p50), Some(p99)) => Target {
+                    target,
+                    measured: format!(
+                        "p50 {p50:.1} ms, p99 {p99:.1} ms{}",
+                        if r.complete { "" } else { " (incomplete)" }
+                    ),
+                    verdict: verdict(p50_max.is_none_or(|max| p50 <= max) && p99 <= p99_max && r.complete),
+                },
+                _ => Target { target, measured: "no arrivals".into(), verdict: "fail" },
+            },
+            None => Target { target, measured: "not run".into(), verdict: "—" },
+        });
+    }
+    const WIDE_CPU: &str = "wide runs: PostgreSQL CPU per 1,000 deliveries within 1.2× of steady 1,000/s";
+    let steady_cpu = steady(1000.0).and_then(|r| r.postgres_cpu_seconds_per_1000).filter(|c| *c > 0.0);
+    let wide_cpu: Vec<(&Run, f64)> = runs
+        .iter()
+        .filter(|r| matches!(r.scenario.as_str(), "wide" | "skewed" | "publish"))
+        .filter_map(|r| Some((r, r.postgres_cpu_seconds_per_1000?)))
+        .collect();
+    out.push(match (steady_cpu, wide_cpu.is_empty()) {
+        (Some(base), false) => {
+            // The publish run measures a single burst, not a rate: reported, judged on the paced ones.
+            let judged = wide_cpu.iter().filter(|(r, _)| r.scenario != "publish").all(|(_, cpu)| *cpu <= 1.2 * base);
+            Target {
+                target: WIDE_CPU,
+                measured: format!(
+                    "steady {base:.3} s; {}",
+                    wide_cpu
+                        .iter()
+                        .map(|(r, cpu)| format!("{} {cpu:.3} s ({:.2}×)", r.label, cpu / base))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                verdict: verdict(judged),
+            }
+        }
+        (None, false) => {
+            Target { target: WIDE_CPU, measured: "steady 1,000/s not run in this invocation".into(), verdict: "—" }
+        }
+        _ => Target { target: WIDE_CPU, measured: "not run".into(), verdict: "—" },
+    });
+    const PUBLISH: &str = "publish to 10,000 webhooks: last arrival ≤ 2 s after its commit";
+    out.push(match runs.iter().find(|r| r.scenario == "publish" && r.webhooks == Some(10_000)) {
+        Some(r) => match r.publish_last_arrival_s {
+            Some(last) => Target {
+                target: PUBLISH,
+                measured: format!(
+                    "{} of {} arrived, the last {last:.2} s after the commit",
+                    thousands(r.delivered),
+                    thousands(r.rows)
+                ),
+                verdict: verdict(last <= 2.0 && r.complete),
+            },
+            None => Target { target: PUBLISH, measured: "no arrivals".into(), verdict: "fail" },
+        },
+        None => Target { target: PUBLISH, measured: "not run".into(), verdict: "—" },
+    });
     // Judged as autovacuum keeps the table (after VACUUM); the figure before any VACUUM, with a
     // million dead index entries at the head of the pending indexes, is shown as the worst case.
     const AGED: &str =
@@ -375,6 +467,44 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
             }
         }
     }
+    let wide: Vec<&Run> = runs.iter().filter(|r| r.webhooks.is_some()).collect();
+    if !wide.is_empty() {
+        md.push_str(
+            "\n## Wide runs: what a claim costs\n\n\
+             Claims in the measured window (pg_stat_statements calls of the workers' claim statement, else the \
+             workers' `webhook_claim_duration_seconds` count); claim time from that histogram, summed over the \
+             workers' `/metrics` (p99: upper bound of its bucket); attempts are every request at the receiver \
+             (failing path included); buffers are the claim statement's `shared_blks_hit + shared_blks_read`, \
+             statements inside the function included. Skewed: latency of the free webhooks only. Publish: \
+             measured from the publish's commit.\n\n\
+             | run | webhooks | p50 ms | p99 ms | max ms | PostgreSQL CPU s / 1000 | worker CPU s / 1000 | claims | claim mean ms | claim p99 ms ≤ | attempts per claim | buffers per claimed row | publish: last arrival s | arrival p50 / p99 ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in wide {
+            let _ = writeln!(
+                md,
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.label,
+                if r.complete { "" } else { " (incomplete)" },
+                r.webhooks.map_or_else(|| "—".to_owned(), |w| thousands(u64::from(w))),
+                opt(r.latency_p50_ms, 1),
+                opt(r.latency_p99_ms, 1),
+                opt(r.latency_max_ms, 1),
+                opt(r.postgres_cpu_seconds_per_1000, 3),
+                opt(r.worker_cpu_seconds_per_1000, 3),
+                r.claims.map_or_else(|| "—".to_owned(), thousands),
+                opt(r.claim_mean_ms, 2),
+                opt(r.claim_p99_bound_ms, 1),
+                opt(r.rows_per_claim, 2),
+                opt(r.buffers_per_claimed_row, 1),
+                opt(r.publish_last_arrival_s, 2),
+                match (r.publish_arrival_p50_ms, r.publish_arrival_p99_ms) {
+                    (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
+                    _ => "—".to_owned(),
+                },
+            );
+        }
+    }
     md.push_str("\n## Resources\n\n");
     md.push_str(
         "| run | worker CPU s / 1000 | PostgreSQL CPU s / 1000 | bench CPU s / 1000 | machine CPU busy | worker RSS peak MB | worker RSS end MB | queue before MB (total / indexes) | queue after MB (total / indexes) | dead tuples after |\n\
@@ -423,6 +553,42 @@ pub fn markdown(context: &Context, runs: &[Run], targets: &[Target]) -> String {
                     s.mean_ms,
                     thousands(s.rows.max(0) as u64),
                     if s.toplevel { "yes" } else { "no" },
+                    s.query.replace('|', "\\|").replace('`', "'"),
+                );
+            }
+        }
+    }
+    if runs.iter().any(|r| !r.claim_statements.is_empty()) {
+        md.push_str(
+            "\n## Inside the claim (pg_stat_statements, `--statements`)\n\n\
+             Statements run inside `hookfleet.claim_deliveries` (matched by their text against its source and \
+             the functions it calls), by total time; the claim's own line is the top-level statement.\n",
+        );
+        for r in runs.iter().filter(|r| !r.claim_statements.is_empty()) {
+            let _ = writeln!(
+                md,
+                "\n### {}\n\n| total ms | calls | mean ms | rows | statement |\n|---|---|---|---|---|",
+                r.label
+            );
+            if let Some(claim) = r.claim_statement {
+                let _ = writeln!(
+                    md,
+                    "| {:.0} | {} | {:.3} | {} | the claim (`sql/queries/claim.sql`), {} buffers |",
+                    claim.exec_ms,
+                    thousands(claim.calls.max(0) as u64),
+                    claim.exec_ms / claim.calls.max(1) as f64,
+                    thousands(claim.rows.max(0) as u64),
+                    thousands(claim.buffers.max(0) as u64),
+                );
+            }
+            for s in &r.claim_statements {
+                let _ = writeln!(
+                    md,
+                    "| {:.0} | {} | {:.3} | {} | `{}` |",
+                    s.total_ms,
+                    thousands(s.calls.max(0) as u64),
+                    s.mean_ms,
+                    thousands(s.rows.max(0) as u64),
                     s.query.replace('|', "\\|").replace('`', "'"),
                 );
             }

@@ -35,14 +35,16 @@ pub struct Env<'a> {
     pub tick: Duration,
     /// pg_stat_statements is loaded: report each run's top statements.
     pub statements: bool,
+    /// pg_stat_statements is loaded for the wide scenarios' claim figures.
+    pub claim_stats: bool,
 }
 
 impl Env<'_> {
-    fn url(&self) -> impl Fn(&str) -> String + '_ {
+    pub(crate) fn url(&self) -> impl Fn(&str) -> String + '_ {
         |name| self.server.connection_string(name)
     }
 
-    fn spec<'b>(&'b self, db: &'b BenchDb) -> WorkerSpec<'b> {
+    pub(crate) fn spec<'b>(&'b self, db: &'b BenchDb) -> WorkerSpec<'b> {
         WorkerSpec {
             binary: &self.worker_binary,
             database_url: &db.url,
@@ -55,7 +57,7 @@ impl Env<'_> {
 }
 
 /// CPU counters at the start of a measured window.
-struct Meter {
+pub(crate) struct Meter {
     postmaster: u32,
     workers: f64,
     server: f64,
@@ -64,7 +66,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn start(postmaster: u32, fleet: Option<&Fleet>) -> Meter {
+    pub(crate) fn start(postmaster: u32, fleet: Option<&Fleet>) -> Meter {
         Meter {
             postmaster,
             workers: fleet.map_or(0.0, Fleet::cpu_seconds),
@@ -75,7 +77,7 @@ impl Meter {
     }
 
     /// Fills the CPU (per 1,000 deliveries) and RSS figures of `run`.
-    fn finish(&self, fleet: Option<&Fleet>, deliveries: u64, run: &mut Run) {
+    pub(crate) fn finish(&self, fleet: Option<&Fleet>, deliveries: u64, run: &mut Run) {
         let per_1000 = |seconds: f64| seconds / (deliveries.max(1) as f64) * 1000.0;
         if let Some(fleet) = fleet {
             run.worker_cpu_seconds_per_1000 = Some(per_1000(fleet.cpu_seconds() - self.workers));
@@ -93,7 +95,7 @@ impl Meter {
     }
 }
 
-fn apply_summary(run: &mut Run, summary: &Summary) {
+pub(crate) fn apply_summary(run: &mut Run, summary: &Summary) {
     run.requests = summary.requests;
     run.delivered = summary.unique;
     run.duplicates = Some(summary.duplicates);
@@ -131,7 +133,7 @@ async fn wait_for_arrivals(env: &Env<'_>, fleet: &mut Fleet, expected: u64, dead
 }
 
 /// Waits until no row is pending or in flight, or `deadline`; returns when that happened.
-async fn wait_for_settled(db: &BenchDb, deadline: Instant) -> anyhow::Result<Option<Instant>> {
+pub(crate) async fn wait_for_settled(db: &BenchDb, deadline: Instant) -> anyhow::Result<Option<Instant>> {
     loop {
         if db.unsettled().await? == 0 {
             return Ok(Some(Instant::now()));
@@ -144,7 +146,7 @@ async fn wait_for_settled(db: &BenchDb, deadline: Instant) -> anyhow::Result<Opt
 }
 
 /// After the workers stopped: dead tuples and the queue's size, then the database goes.
-async fn close(env: &Env<'_>, db: BenchDb, run: &mut Run) -> anyhow::Result<()> {
+pub(crate) async fn close(env: &Env<'_>, db: BenchDb, run: &mut Run) -> anyhow::Result<()> {
     run.statements = db.top_statements(20).await?;
     run.dead_tuples_after = Some(db.dead_tuples().await?);
     run.queue_after = Some(db.queue_size().await?);
@@ -202,6 +204,8 @@ pub enum Load {
     Outbox,
     /// `hookfleet.publish` to every subscribed webhook, one statement per tick.
     Fanout,
+    /// One multi-row INSERT per tick, each row to the next webhook of a [`Spread`].
+    Wide,
 }
 
 impl Load {
@@ -210,6 +214,7 @@ impl Load {
             Load::Steady => "steady",
             Load::Outbox => "outbox",
             Load::Fanout => "fanout",
+            Load::Wide => "wide",
         }
     }
 }
@@ -270,6 +275,7 @@ pub async fn paced(env: &Env<'_>, paced: &Paced) -> anyhow::Result<Run> {
             client,
             load: paced.load,
             webhook_id: db.webhook_ids[0],
+            spread: None,
             rate: paced.rate / f64::from(paced.producers),
             duration: paced.duration,
             tick: env.tick,
@@ -315,29 +321,59 @@ pub async fn paced(env: &Env<'_>, paced: &Paced) -> anyhow::Result<Run> {
     Ok(run)
 }
 
-struct Producer {
-    client: Client,
-    load: Load,
-    webhook_id: i64,
+pub(crate) struct Producer {
+    pub client: Client,
+    pub load: Load,
+    pub webhook_id: i64,
+    /// Load::Wide: the webhooks its rows go to.
+    pub spread: Option<Arc<Spread>>,
     /// Units (rows, or events for fanout) per second for this producer.
-    rate: f64,
-    duration: Duration,
-    tick: Duration,
-    first_seq: i64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub tick: Duration,
+    pub first_seq: i64,
 }
 
-struct Produced {
+pub(crate) struct Produced {
     /// Rows inserted into the queue (fanout: events × subscribed webhooks).
-    deliveries: u64,
+    pub deliveries: u64,
     /// Rows or events the producer issued.
-    units: u64,
-    seconds: f64,
+    pub units: u64,
+    pub seconds: f64,
+    /// Load::Wide: rows inserted per webhook (index as in the spread).
+    pub per_webhook: Vec<u64>,
+}
+
+/// The webhooks a wide producer spreads its rows over: round-robin, or drawn at random (a fixed
+/// seed, so every run draws the same sequence) from a cumulative distribution.
+pub(crate) struct Spread {
+    pub webhook_ids: Vec<i64>,
+    /// `None`: row `seq` goes to webhook `seq mod n`. Else `cdf[i]` = P(webhook ≤ i).
+    pub cdf: Option<Vec<f64>>,
+}
+
+impl Spread {
+    /// The webhook index of row `seq`; `state` is the random generator's (splitmix64).
+    fn pick(&self, seq: i64, state: &mut u64) -> usize {
+        match &self.cdf {
+            None => seq.rem_euclid(self.webhook_ids.len() as i64) as usize,
+            Some(cdf) => {
+                *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = *state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+                cdf.partition_point(|&p| p <= u).min(cdf.len() - 1)
+            }
+        }
+    }
 }
 
 impl Producer {
     /// Open loop: at every tick, issue whatever the offered rate makes due by now (so a slow
     /// statement is caught up on at the next tick rather than silently lowering the rate).
-    async fn run(mut self) -> anyhow::Result<Produced> {
+    pub(crate) async fn run(mut self) -> anyhow::Result<Produced> {
         let steady = self
             .client
             .prepare(
@@ -361,6 +397,16 @@ impl Producer {
                  FROM generate_series($2::bigint, $3::bigint) s"
             ))
             .await?;
+        let wide = self
+            .client
+            .prepare(
+                "INSERT INTO hookfleet.delivery_queue (webhook_id, message_body) \
+                 SELECT w, jsonb_build_object('sent_at_us', $1::bigint, 'seq', s, 'pad', repeat('x', $4::int)) \
+                 FROM unnest($2::bigint[], $3::bigint[]) AS t(w, s)",
+            )
+            .await?;
+        let mut per_webhook = vec![0u64; self.spread.as_ref().map_or(0, |spread| spread.webhook_ids.len())];
+        let mut random_state = 0x5EED_u64;
         let pad = PAD as i32;
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -396,6 +442,22 @@ impl Producer {
                         deliveries += OUTBOX_TRANSACTION_ROWS;
                     }
                 }
+                Load::Wide if due > 0 => {
+                    let spread = self.spread.as_deref().context("a wide producer needs its webhooks")?;
+                    let seqs: Vec<i64> = (seq + 1..=seq + due as i64).collect();
+                    let hooks: Vec<i64> = seqs
+                        .iter()
+                        .map(|&s| {
+                            let index = spread.pick(s, &mut random_state);
+                            per_webhook[index] += 1;
+                            spread.webhook_ids[index]
+                        })
+                        .collect();
+                    self.client.execute(&wide, &[&receiver::now_us(), &hooks, &seqs, &pad]).await?;
+                    seq += due as i64;
+                    units += due;
+                    deliveries += due;
+                }
                 Load::Fanout if due > 0 => {
                     let (first, last) = (seq + 1, seq + due as i64);
                     let rows: i64 =
@@ -410,7 +472,7 @@ impl Producer {
                 break;
             }
         }
-        Ok(Produced { deliveries, units, seconds: start.elapsed().as_secs_f64() })
+        Ok(Produced { deliveries, units, seconds: start.elapsed().as_secs_f64(), per_webhook })
     }
 }
 
