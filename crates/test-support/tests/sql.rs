@@ -2983,3 +2983,65 @@ async fn concurrent_claims_over_many_webhooks_take_every_row_once_and_keep_each_
         .collect();
     assert_eq!(per_webhook, hooks.iter().map(|hook| (*hook, 2)).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_webhook_found_full_under_its_lock_gives_its_place_in_the_batch_to_the_next_one() {
+    let db = database().await;
+    let client = db.client().await;
+    // Six webhooks with a due row each; the third and fourth are at max_in_flight, which only the
+    // read under the lock can tell (their rows in flight were marked after the settings read in
+    // a real fleet; here they are simply there).
+    let mut hooks = Vec::new();
+    for n in 0..6 {
+        let max_in_flight = (n == 2 || n == 3).then_some(1);
+        hooks.push(webhook_with(&db, NewWebhook { max_in_flight, ..spec() }).await);
+    }
+    let rows: Vec<i64> = {
+        let mut rows = Vec::new();
+        for hook in &hooks {
+            rows.push(insert(&client, *hook).await);
+        }
+        rows
+    };
+    for hook in &hooks[2..4] {
+        let busy = insert(&client, *hook).await;
+        set_status(&client, busy, "in_flight").await;
+    }
+    let claim = flow_claim(&client, "w1", 3, (None, None), None, &[]).await;
+    assert_eq!(sorted(claim.claimed), [rows[0], rows[1], rows[4]], "the fifth webhook takes the place");
+    let mut held = claim.held.clone();
+    held.sort();
+    assert_eq!(held, [(hooks[2], "max_in_flight".to_owned()), (hooks[3], "max_in_flight".to_owned())]);
+}
+
+#[tokio::test]
+async fn what_one_webhook_cannot_take_goes_to_the_others_and_no_limit_is_reported_falsely() {
+    let db = database().await;
+    let client = db.client().await;
+    let keyed = webhook(&db).await;
+    let plain = webhook(&db).await;
+    // Four rows of one key (only the first may go) and four plain rows: a batch of 4 takes the
+    // keyed webhook's one row and three plain ones.
+    let keyed_rows: Vec<i64> = {
+        let mut rows = Vec::new();
+        for _ in 0..4 {
+            rows.push(insert_keyed(&client, keyed, Some("k")).await);
+        }
+        rows
+    };
+    let plain_rows = insert_many(&client, plain, 4).await;
+    let claim = flow_claim(&client, "w1", 4, (None, None), Some(5), &[]).await;
+    assert_eq!(sorted(claim.claimed), [&keyed_rows[..1], &plain_rows[..3]].concat());
+    // Neither took all its cap (5 slots) allowed: nothing to report.
+    assert!(claim.held.is_empty(), "{:?}", claim.held);
+}
+
+#[tokio::test]
+async fn a_webhook_listed_twice_as_busy_is_claimed_once() {
+    let db = database().await;
+    let client = db.client().await;
+    let hook = webhook(&db).await;
+    let rows = insert_many(&client, hook, 3).await;
+    let claim = flow_claim(&client, "w1", 10, (None, None), Some(10), &[(hook, 0), (hook, 0)]).await;
+    assert_eq!(claim.claimed, rows);
+}
