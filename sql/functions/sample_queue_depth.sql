@@ -6,7 +6,11 @@
 
 CREATE OR REPLACE FUNCTION hookfleet.sample_queue_depth(max_age interval)
 RETURNS TABLE (delivery_status text, deliveries bigint, oldest_due_age_seconds double precision, sampled_at timestamptz)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- A worker's session keeps the plans it made: made on an empty queue they were sequential scans,
+-- read in full at every sample once the queue is large (plans.rs, "planned on an empty queue").
+SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM hookfleet.queue_depth_sample s WHERE s.sampled_at > now() - max_age)
