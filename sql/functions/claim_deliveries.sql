@@ -296,41 +296,40 @@ BEGIN
             CONTINUE WHEN c_ids IS NULL;
             last_reached := cardinality(c_ids);
             IF takeable > 0 THEN
+                -- Limiter rows of every webhook that got one only at creation: a hand-deleted one is
+                -- recreated (this insert checks the webhook's foreign key, the one wait a claim can meet).
+                IF false = ANY (c_buckets) THEN
+                    INSERT INTO hookfleet.webhook_rate_limits AS r (webhook_id, tat)
+                    SELECT c.webhook_id, 0 FROM unnest(c_ids, c_kinds, c_buckets) AS c(webhook_id, kind, has_bucket)
+                    WHERE c.kind = 'take' AND NOT c.has_bucket
+                    ORDER BY c.webhook_id
+                    ON CONFLICT (webhook_id) DO NOTHING;
+                END IF;
 
-            -- Limiter rows of every webhook that got one only at creation: a hand-deleted one is
-            -- recreated (this insert checks the webhook's foreign key, the one wait a claim can meet).
-            IF false = ANY (c_buckets) THEN
-                INSERT INTO hookfleet.webhook_rate_limits AS r (webhook_id, tat)
-                SELECT c.webhook_id, 0 FROM unnest(c_ids, c_kinds, c_buckets) AS c(webhook_id, kind, has_bucket)
-                WHERE c.kind = 'take' AND NOT c.has_bucket
-                ORDER BY c.webhook_id
-                ON CONFLICT (webhook_id) DO NOTHING;
-            END IF;
-
-            -- The limiter rows of as many webhooks as the batch can use (each yields a row at least),
-            -- in claim order, without waiting: one another session holds (a concurrent claim, an
-            -- open transaction at a psql prompt) is skipped for the next one, so concurrent claims
-            -- spread over the window instead of meeting on its first webhooks. The limiter row is
-            -- what serialises one webhook's claims, and with them its rate, max_in_flight and
-            -- per-key order, for every entry point (get_ready_deliveries too).
-            -- The webhooks are visited in their order (a nested loop over unnest, which yields its
-            -- elements in order), each limiter row locked on its own as it is reached, and the LIMIT
-            -- stops the loop: a sort here would lock every candidate before choosing. A locked row
-            -- is read as the last holder committed it (READ COMMITTED locks the newest version and
-            -- returns that), so the bucket read here is fresh.
-            SELECT array_agg(k.i ORDER BY k.i), array_agg(k.webhook_id ORDER BY k.i), array_agg(k.tat ORDER BY k.i)
-            INTO l_ci, l_ids, l_tats
-            FROM (
-                SELECT c.i, c.webhook_id, r.tat
-                FROM unnest(c_ids, c_kinds) WITH ORDINALITY AS c(webhook_id, kind, i)
-                CROSS JOIN LATERAL (SELECT r.tat FROM hookfleet.webhook_rate_limits r
-                                    WHERE r.webhook_id = c.webhook_id LIMIT 1 FOR UPDATE SKIP LOCKED) r
-                WHERE c.kind = 'take'
-                LIMIT LEAST(wanted, takeable)
-            ) k;
-            -- Skipped (another session holds it): reported contended, looked at again soon.
-            last_reached := CASE WHEN COALESCE(cardinality(l_ci), 0) < LEAST(wanted, takeable)
-                                 THEN cardinality(c_ids) ELSE l_ci[cardinality(l_ci)] END;
+                -- The limiter rows of as many webhooks as the batch can use (each yields a row at least),
+                -- in claim order, without waiting: one another session holds (a concurrent claim, an
+                -- open transaction at a psql prompt) is skipped for the next one, so concurrent claims
+                -- spread over the window instead of meeting on its first webhooks. The limiter row is
+                -- what serialises one webhook's claims, and with them its rate, max_in_flight and
+                -- per-key order, for every entry point (get_ready_deliveries too).
+                -- The webhooks are visited in their order (a nested loop over unnest, which yields its
+                -- elements in order), each limiter row locked on its own as it is reached, and the LIMIT
+                -- stops the loop: a sort here would lock every candidate before choosing. A locked row
+                -- is read as the last holder committed it (READ COMMITTED locks the newest version and
+                -- returns that), so the bucket read here is fresh.
+                SELECT array_agg(k.i ORDER BY k.i), array_agg(k.webhook_id ORDER BY k.i), array_agg(k.tat ORDER BY k.i)
+                INTO l_ci, l_ids, l_tats
+                FROM (
+                    SELECT c.i, c.webhook_id, r.tat
+                    FROM unnest(c_ids, c_kinds) WITH ORDINALITY AS c(webhook_id, kind, i)
+                    CROSS JOIN LATERAL (SELECT r.tat FROM hookfleet.webhook_rate_limits r
+                                        WHERE r.webhook_id = c.webhook_id LIMIT 1 FOR UPDATE SKIP LOCKED) r
+                    WHERE c.kind = 'take'
+                    LIMIT LEAST(wanted, takeable)
+                ) k;
+                -- Skipped (another session holds it): reported contended, looked at again soon.
+                last_reached := CASE WHEN COALESCE(cardinality(l_ci), 0) < LEAST(wanted, takeable)
+                                     THEN cardinality(c_ids) ELSE l_ci[cardinality(l_ci)] END;
             END IF;
             -- Held back by the settings read, up to the last webhook reached (those after it are
             -- looked at again, in the next slice).
