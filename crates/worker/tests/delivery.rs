@@ -313,6 +313,28 @@ async fn a_refused_address_is_dead_with_class_blocked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_url_refused_by_policy_is_dead_with_class_blocked() {
+    let db = database().await;
+    let receiver = Receiver::ok().await;
+    // Stored while http was allowed (the harness allows it), sent by a worker that refuses it.
+    let hook = webhook(&db, receiver.url("/")).await;
+    let _worker = WorkerProcess::spawn(worker_binary(), &db, "w1", &[("HOOKFLEET_ALLOW_HTTP", "false")]);
+    let delivery_id = db.insert_delivery(hook.webhook_id, "{}").await;
+    let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
+    assert_eq!((retries, code), (0, None));
+    assert!(error.as_deref().is_some_and(|error| error.contains("http://")), "last_error: {error:?}");
+    let class: Option<String> = db
+        .client()
+        .await
+        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("attempt")
+        .get(0);
+    assert_eq!(class.as_deref(), Some("blocked"), "refused by the URL policy, as a refused address is");
+    assert!(receiver.requests().is_empty(), "nothing reached the receiver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_are_served() {
     let db = database().await;
     let receiver = Receiver::start(|request, _| match request.path.as_str() {

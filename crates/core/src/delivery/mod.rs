@@ -287,11 +287,12 @@ impl DeliveryClient {
         match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
+            // Refused by policy like a refused address (SPEC §11), not malformed: `blocked`.
             "http" => {
-                return Err(invalid(
+                return Err(DeliveryError::new(
+                    ErrorClass::Blocked,
                     "http:// URLs are refused; use https:// (HOOKFLEET_ALLOW_HTTP=true allows \
-                     http for development)"
-                        .to_owned(),
+                     http for development)",
                 ))
             }
             other => return Err(invalid(format!("scheme {other:?} is not supported; use https://"))),
@@ -872,7 +873,7 @@ mod tests {
         assert!(client.check_url("https://8.8.8.8/hook").is_ok());
         assert!(client.check_url("https://[2606:4700::1111]/hook").is_ok());
 
-        assert_eq!(class("http://example.com/hook"), Some(ErrorClass::InvalidUrl));
+        assert_eq!(class("http://example.com/hook"), Some(ErrorClass::Blocked));
         assert_eq!(class("ftp://example.com/hook"), Some(ErrorClass::InvalidUrl));
         assert_eq!(class("not a url"), Some(ErrorClass::InvalidUrl));
         assert_eq!(class("https://"), Some(ErrorClass::InvalidUrl));
@@ -948,7 +949,7 @@ mod tests {
         assert!(http_only.check_url("http://localhost/hook").is_ok());
 
         let https_only = client(ClientOptions { allow_http: false, ..options(true) });
-        assert_eq!(https_only.check_url("http://127.0.0.1/hook").err().map(|e| e.class), Some(ErrorClass::InvalidUrl));
+        assert_eq!(https_only.check_url("http://127.0.0.1/hook").err().map(|e| e.class), Some(ErrorClass::Blocked));
         assert!(https_only.check_url("https://127.0.0.1/hook").is_ok());
     }
 
