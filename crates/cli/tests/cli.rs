@@ -59,7 +59,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet' AND tablename <> 'refinery_schema_history'"
         )
         .await,
-        9
+        10
     );
     assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
 }
