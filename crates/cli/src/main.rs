@@ -1,5 +1,5 @@
 //! `hookfleet`: the operator's command line — migrations, webhook admin, status dashboards,
-//! replay and cancel, key generation. Each command is a thin call into `hookfleet_core`.
+//! replay and cancel, API keys, key generation. Each command is a thin call into `hookfleet_core`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use hookfleet_core::api_keys::{ApiKeyStore, RevokeOutcome, Scope};
 use hookfleet_core::config::Config;
 use hookfleet_core::crypto::{EncryptionKey, Keyring};
 use hookfleet_core::db;
@@ -32,6 +33,9 @@ enum Command {
     /// Manage webhooks.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Manage the HTTP API's keys (stored as SHA-256 hashes: a key is shown once, when created).
+    #[command(subcommand)]
+    ApiKeys(ApiKeysCommand),
     /// Show the queue, webhook health, performance and live workers.
     Status,
     /// Reset a dead (or cancelled, or delivered) delivery to pending.
@@ -65,6 +69,27 @@ enum WebhooksCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ApiKeysCommand {
+    /// Create a key and print it once, as JSON (key_id, name, scope, key_prefix, created_at, key).
+    Create {
+        /// What the key is for, shown in lists (1 to 200 characters).
+        #[arg(long)]
+        name: String,
+        /// admin (everything) or producer (post messages, read deliveries).
+        #[arg(long)]
+        scope: Scope,
+    },
+    /// List keys (never the keys themselves): prefix, scope, created, last used, revoked.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it stops working at once (revoking it again changes nothing).
+    Revoke { key_id: i64 },
 }
 
 #[derive(Args)]
@@ -161,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => migrate(&url, &config).await,
         Command::Webhooks(WebhooksCommand::Create(args)) => create_webhook(&url, &config, args).await,
         Command::Webhooks(WebhooksCommand::List { json }) => list_webhooks(&url, &config, json).await,
+        Command::ApiKeys(command) => api_keys(&url, command).await,
         Command::Status => status(&url).await,
         Command::Replay { delivery_id } => {
             let client = checked_connection(&url).await?;
@@ -273,6 +299,52 @@ async fn list_webhooks(url: &str, config: &Config, json: bool) -> anyhow::Result
         ]);
     }
     println!("{table}");
+    Ok(())
+}
+
+async fn api_keys(url: &str, command: ApiKeysCommand) -> anyhow::Result<()> {
+    checked_connection(url).await?;
+    let store = ApiKeyStore::new(db::pool(url, "hookfleet-cli", 2)?);
+    match command {
+        ApiKeysCommand::Create { name, scope } => {
+            let (key, token) = store.create(&name, scope).await?;
+            let mut shown = serde_json::to_value(&key)?;
+            shown["key"] = serde_json::Value::String(token.expose_secret().to_owned());
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+            eprintln!(
+                "hookfleet: this is the only time key {} is shown: hookfleet keeps only its SHA-256 hash, so store it now",
+                key.key_id
+            );
+        }
+        ApiKeysCommand::List { json } => {
+            let keys = store.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+                return Ok(());
+            }
+            let mut table =
+                new_table(&["key_id", "name", "scope", "key_prefix", "created_at", "last_used_at", "revoked_at"]);
+            for key in keys {
+                table.add_row(vec![
+                    key.key_id.to_string(),
+                    key.name,
+                    key.scope.to_string(),
+                    key.key_prefix,
+                    key.created_at,
+                    key.last_used_at.unwrap_or_else(|| "never".into()),
+                    key.revoked_at.unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            println!("{table}");
+        }
+        ApiKeysCommand::Revoke { key_id } => match store.revoke(key_id).await? {
+            RevokeOutcome::Revoked => println!("api key {key_id} revoked"),
+            RevokeOutcome::AlreadyRevoked => println!("api key {key_id} was already revoked; nothing changed"),
+            RevokeOutcome::NotFound => {
+                bail!("api key {key_id} does not exist (`hookfleet api-keys list` shows every key)")
+            }
+        },
+    }
     Ok(())
 }
 

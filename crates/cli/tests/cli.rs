@@ -59,7 +59,7 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'hookfleet' AND tablename <> 'refinery_schema_history'"
         )
         .await,
-        9
+        10
     );
     assert_history_recorded_once_in_the_hookfleet_schema(&db).await;
 }
@@ -351,6 +351,90 @@ async fn webhooks_create_refuses_bad_input_and_changes_nothing() {
     assert_eq!(db.count("SELECT count(*) FROM hookfleet.webhooks").await, 0);
 }
 
+fn api_key_store(db: &TestDatabase) -> hookfleet_core::api_keys::ApiKeyStore {
+    hookfleet_core::api_keys::ApiKeyStore::new(hookfleet_core::db::pool(&db.url, "hookfleet-test", 2).expect("pool"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_create_prints_the_key_once_and_list_and_revoke_never_show_it() {
+    let db = database().await;
+    let env = db.env();
+    let output = hookfleet(&env, &["api-keys", "create", "--name", "orders service", "--scope", "producer"]);
+    let warning = stderr(&output);
+    let created: serde_json::Value = serde_json::from_str(&ok(output)).expect("JSON");
+    let key = created["key"].as_str().expect("key").to_owned();
+    let key_id = created["key_id"].as_i64().expect("key_id");
+    assert!(key.starts_with("hfk_") && key.len() == 47, "{key}");
+    assert_eq!(created["name"], "orders service");
+    assert_eq!(created["scope"], "producer");
+    assert_eq!(created["key_prefix"], key[..12]);
+    assert!(created["created_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{created}");
+    assert!(warning.contains("only time") && warning.contains("SHA-256"), "{warning}");
+    assert!(!warning.contains(&key[4..]), "the key is on standard output only: {warning}");
+
+    let verified = api_key_store(&db).verify(&key).await.expect("verify").expect("the printed key works");
+    assert_eq!(verified.key_id, key_id);
+    let row: String =
+        db.client().await.query_one("SELECT k::text FROM hookfleet.api_keys k", &[]).await.expect("row").get(0);
+    assert!(!row.contains(&key[4..]) && !row.contains(&key[12..]), "the database holds the key: {row}");
+
+    let admin: serde_json::Value =
+        serde_json::from_str(&ok(hookfleet(&env, &["api-keys", "create", "--name", "operator", "--scope", "admin"])))
+            .expect("JSON");
+    let admin_key = admin["key"].as_str().expect("key").to_owned();
+
+    let listed_text = ok(hookfleet(&env, &["api-keys", "list", "--json"]));
+    let listed: serde_json::Value = serde_json::from_str(&listed_text).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    assert_eq!(listed[0]["key_prefix"], key[..12]);
+    assert_eq!((listed[0]["scope"].as_str(), listed[1]["scope"].as_str()), (Some("producer"), Some("admin")));
+    assert!(listed[0]["last_used_at"].is_string() && listed[1]["last_used_at"].is_null(), "{listed}");
+    let table = ok(hookfleet(&env, &["api-keys", "list"]));
+    for shown in [&listed_text, &table] {
+        assert!(!shown.contains(&key[4..]) && !shown.contains(&admin_key[4..]), "a list shows a key: {shown}");
+        assert!(!shown.contains("hash") && !shown.contains("\\x"), "a list shows a hash: {shown}");
+    }
+    assert!(table.contains(&key[..12]) && table.contains("orders service") && table.contains("never"), "{table}");
+
+    let revoked = ok(hookfleet(&env, &["api-keys", "revoke", &key_id.to_string()]));
+    assert_eq!(revoked.trim(), format!("api key {key_id} revoked"));
+    assert_eq!(api_key_store(&db).verify(&key).await.expect("verify"), None, "a revoked key is refused");
+    assert!(api_key_store(&db).verify(&admin_key).await.expect("verify").is_some(), "the other key still works");
+    let again = ok(hookfleet(&env, &["api-keys", "revoke", &key_id.to_string()]));
+    assert!(again.contains("already revoked"), "{again}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(hookfleet(&env, &["api-keys", "list", "--json"]))).expect("JSON");
+    assert!(listed[0]["revoked_at"].is_string() && listed[1]["revoked_at"].is_null(), "{listed}");
+
+    let unknown = hookfleet(&env, &["api-keys", "revoke", "424242"]);
+    assert!(!unknown.status.success(), "{}", stdout(&unknown));
+    assert!(stderr(&unknown).contains("api key 424242 does not exist"), "{}", stderr(&unknown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_create_refuses_bad_input_and_writes_nothing() {
+    let db = database().await;
+    let env = db.env();
+    let too_long = "x".repeat(201);
+    let cases: [(&[&str], &str); 6] = [
+        (&["--name", "ci", "--scope", "root"], "expected admin"),
+        (&["--name", "ci", "--scope", "Admin"], "expected admin"),
+        (&["--name", "ci"], "--scope"),
+        (&["--scope", "admin"], "--name"),
+        (&["--name", "", "--scope", "admin"], "name: must be 1 to 200 characters"),
+        (&["--name", too_long.as_str(), "--scope", "admin"], "name: must be 1 to 200 characters"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["api-keys", "create"];
+        full.extend(args.iter());
+        let output = hookfleet(&env, &full);
+        assert!(!output.status.success(), "{args:?} was accepted: {}", stdout(&output));
+        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(!stdout(&output).contains("hfk_"), "{args:?} printed a key");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM hookfleet.api_keys").await, 0);
+}
+
 #[test]
 fn keygen_prints_a_fresh_key_without_a_database() {
     let env = HashMap::new();
@@ -527,7 +611,7 @@ async fn commands_refuse_a_database_that_was_never_migrated_and_say_what_to_do()
     // The embedded server trusts local roles, so a password is accepted and ignored: what matters
     // is that it never reaches the message.
     env.insert("DATABASE_URL".into(), format!("{} password=sekrit-123", db.url));
-    for args in [&["status"][..], &["webhooks", "list"], &["replay", "1"], &["cancel", "1"]] {
+    for args in [&["status"][..], &["webhooks", "list"], &["api-keys", "list"], &["replay", "1"], &["cancel", "1"]] {
         let output = hookfleet(&env, args);
         let text = stderr(&output);
         assert!(!output.status.success(), "{args:?}: {}{text}", stdout(&output));

@@ -9,6 +9,7 @@
 //! - `schema`      — whether this binary may run against a database's schema (the start-up check).
 //! - `queue`       — the only code that reads or writes the queue tables: claim, complete, release, rescue.
 //! - `webhooks`    — creating, listing and loading webhooks (URL and secrets encrypted at rest).
+//! - `api_keys`    — the HTTP API's keys: their form, stored as SHA-256 hashes, scopes, revocation.
 //! - `crypto`      — encryption at rest (AES-256-GCM, key ids for rotation).
 //! - `signing`     — Standard Webhooks signatures and the simpler `X-Webhook-Signature`.
 //! - `delivery`    — the HTTP client: timeouts, body caps, no redirects, the SSRF address guard.
@@ -18,6 +19,7 @@
 //! - `demo`        — `hookfleet demo`: the whole system on one machine.
 //! - `pg_embedded` — a throwaway PostgreSQL from the machine's server binaries (tests, demo, bench).
 
+pub mod api_keys;
 pub mod config;
 pub mod crypto;
 pub mod db;

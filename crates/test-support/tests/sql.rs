@@ -2347,6 +2347,7 @@ async fn migrating_twice_applies_nothing_the_second_time() {
                 "V12__webhook_versions_never_repeat",
                 "V13__definition_history",
                 "V14__due_index_for_the_window_only",
+                "V15__api_keys",
             ]
         );
         let mut every_file = vec!["retired.sql".to_owned()];
@@ -2410,6 +2411,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
                 "V12__webhook_versions_never_repeat".to_owned(),
                 "V13__definition_history".to_owned(),
                 "V14__due_index_for_the_window_only".to_owned(),
+                "V15__api_keys".to_owned(),
             ]
         ],
         "exactly one run applied the migrations"
@@ -2423,7 +2425,7 @@ async fn concurrent_migrations_of_an_empty_database_all_succeed_with_one_schema(
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(history, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
         let settings: Vec<(String, String)> = client
             .query("SELECT name, value FROM hookfleet.settings ORDER BY name", &[])
             .await
