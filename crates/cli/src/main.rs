@@ -63,11 +63,15 @@ enum Command {
 enum WebhooksCommand {
     /// Create a webhook and print it as JSON, with its signing secret.
     Create(CreateArgs),
-    /// List webhooks.
+    /// List webhooks. URLs are shown without their query string (often a receiver's token) unless
+    /// --show-urls is given.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show each URL whole, query string included.
+        #[arg(long)]
+        show_urls: bool,
     },
 }
 
@@ -96,9 +100,13 @@ enum ApiKeysCommand {
 struct CreateArgs {
     #[arg(long)]
     url: String,
-    /// whsec_<base64>; generated when absent.
-    #[arg(long)]
+    /// whsec_<base64>; generated when absent. A command line shows up in `ps` and in shell history:
+    /// prefer HOOKFLEET_WEBHOOK_SECRET or --secret-stdin.
+    #[arg(long, env = "HOOKFLEET_WEBHOOK_SECRET", hide_env_values = true, conflicts_with = "secret_stdin")]
     secret: Option<String>,
+    /// Read the secret from standard input (its first line).
+    #[arg(long)]
+    secret_stdin: bool,
     /// Event types to subscribe to, comma-separated (none: all).
     #[arg(long, value_delimiter = ',')]
     events: Vec<String>,
@@ -185,7 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen | Command::Settings | Command::Demo { .. } => unreachable!("handled above"),
         Command::Migrate => migrate(&url, &config).await,
         Command::Webhooks(WebhooksCommand::Create(args)) => create_webhook(&url, &config, args).await,
-        Command::Webhooks(WebhooksCommand::List { json }) => list_webhooks(&url, &config, json).await,
+        Command::Webhooks(WebhooksCommand::List { json, show_urls }) => {
+            list_webhooks(&url, &config, json, show_urls).await
+        }
         Command::ApiKeys(command) => api_keys(&url, command).await,
         Command::Status => status(&url).await,
         Command::Replay { delivery_id } => {
@@ -258,7 +268,42 @@ async fn webhook_store(url: &str, config: &Config) -> anyhow::Result<WebhookStor
     Ok(WebhookStore::new(pool, Arc::new(keyring)))
 }
 
-async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow::Result<()> {
+/// The secret of `webhooks create --secret-stdin`: the first line of standard input.
+fn secret_from_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("cannot read the secret from standard input")?;
+    let secret = line.trim_end_matches(['\r', '\n']).to_owned();
+    if secret.is_empty() {
+        anyhow::bail!("--secret-stdin: standard input held no secret (expected whsec_… on its first line)");
+    }
+    Ok(secret)
+}
+
+/// A URL as lists show it: without its query string and fragment, which often carry a receiver's
+/// token, and without credentials (refused at creation; an older row may have them).
+fn masked_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            let hidden = parsed.query().is_some() || parsed.fragment().is_some();
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            let mut shown = parsed.to_string();
+            if hidden {
+                shown.push_str("?…");
+            }
+            shown
+        }
+        // Not a URL the store would hold; show none of it rather than guess what is secret.
+        Err(_) => "(not a valid URL)".to_owned(),
+    }
+}
+
+async fn create_webhook(url: &str, config: &Config, mut args: CreateArgs) -> anyhow::Result<()> {
+    if args.secret_stdin {
+        args.secret = Some(secret_from_stdin()?);
+    }
     let store = webhook_store(url, config).await?;
     let client = DeliveryClient::new(hookfleet_core::worker::client_options(config))
         .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
@@ -281,8 +326,13 @@ async fn create_webhook(url: &str, config: &Config, args: CreateArgs) -> anyhow:
     Ok(())
 }
 
-async fn list_webhooks(url: &str, config: &Config, json: bool) -> anyhow::Result<()> {
-    let webhooks = webhook_store(url, config).await?.list().await?;
+async fn list_webhooks(url: &str, config: &Config, json: bool, show_urls: bool) -> anyhow::Result<()> {
+    let mut webhooks = webhook_store(url, config).await?.list().await?;
+    if !show_urls {
+        for webhook in &mut webhooks {
+            webhook.url = masked_url(&webhook.url);
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&webhooks)?);
         return Ok(());

@@ -17,6 +17,23 @@ fn hookfleet(env: &HashMap<String, String>, args: &[&str]) -> Output {
         .expect("run hookfleet")
 }
 
+/// `hookfleet` with `input` on its standard input.
+fn hookfleet_with_stdin(env: &HashMap<String, String>, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookfleet"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hookfleet");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    child.wait_with_output().expect("hookfleet output")
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -304,16 +321,51 @@ async fn webhooks_create_prints_json_and_list_decrypts() {
     assert!(!contains(&url, b"127.0.0.1") && !contains(&secrets, secret.as_bytes()));
     assert_eq!(row.get::<_, String>(2).len(), 8);
 
+    // Lists hide the query string (a receiver's token) unless asked to show URLs whole.
     let listed: serde_json::Value =
         serde_json::from_str(&ok(hookfleet(&env, &["webhooks", "list", "--json"]))).expect("JSON");
-    assert_eq!(listed[0]["url"], "http://127.0.0.1:9/hook?token=abc");
+    assert_eq!(listed[0]["url"], "http://127.0.0.1:9/hook?…");
     assert!(listed[0].get("secret").is_none(), "list never shows secrets");
-    assert!(ok(hookfleet(&env, &["webhooks", "list"])).contains("order.created,order.paid"));
+    let table = ok(hookfleet(&env, &["webhooks", "list"]));
+    assert!(table.contains("order.created,order.paid") && table.contains("http://127.0.0.1:9/hook?…"), "{table}");
+    assert!(!table.contains("abc"), "{table}");
+    let whole: serde_json::Value =
+        serde_json::from_str(&ok(hookfleet(&env, &["webhooks", "list", "--json", "--show-urls"]))).expect("JSON");
+    assert_eq!(whole[0]["url"], "http://127.0.0.1:9/hook?token=abc");
+    assert!(ok(hookfleet(&env, &["webhooks", "list", "--show-urls"])).contains("http://127.0.0.1:9/hook?token=abc"));
 
-    // A given secret is kept.
+    // A given secret is kept, whether on the command line, in the environment or on standard input.
     let given = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let created = ok(hookfleet(&env, &["webhooks", "create", "--url", "http://127.0.0.1:9/b", "--secret", given]));
     assert!(created.contains(given));
+    let from_env = "whsec_QkZ5c2VjcmV0RnJvbUVudmlyb25tZW50MDE=";
+    let mut with_secret = env.clone();
+    with_secret.insert("HOOKFLEET_WEBHOOK_SECRET".into(), from_env.into());
+    let created: serde_json::Value =
+        serde_json::from_str(&ok(hookfleet(&with_secret, &["webhooks", "create", "--url", "http://127.0.0.1:9/c"])))
+            .expect("JSON");
+    assert_eq!(created["secret"], from_env);
+    let from_stdin = "whsec_U3RhbmRhcmRJbnB1dFNlY3JldDAxMjM0NTY3";
+    let created: serde_json::Value = serde_json::from_str(&ok(hookfleet_with_stdin(
+        &env,
+        &["webhooks", "create", "--url", "http://127.0.0.1:9/d", "--secret-stdin"],
+        &format!("{from_stdin}\n"),
+    )))
+    .expect("JSON");
+    assert_eq!(created["secret"], from_stdin);
+    // Nothing on standard input: refused, nothing written.
+    let before = ok(hookfleet(&env, &["webhooks", "list", "--json"]));
+    let empty =
+        hookfleet_with_stdin(&env, &["webhooks", "create", "--url", "http://127.0.0.1:9/e", "--secret-stdin"], "");
+    assert!(!empty.status.success() && stderr(&empty).contains("--secret-stdin"), "{}", stderr(&empty));
+    assert_eq!(ok(hookfleet(&env, &["webhooks", "list", "--json"])), before);
+    // Both at once is a mistake, not a choice.
+    let both = hookfleet_with_stdin(
+        &env,
+        &["webhooks", "create", "--url", "http://127.0.0.1:9/f", "--secret", given, "--secret-stdin"],
+        &format!("{from_stdin}\n"),
+    );
+    assert!(!both.status.success(), "--secret and --secret-stdin together were accepted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
