@@ -159,7 +159,12 @@ DECLARE
     chunk_start  integer;
     chunk_end    integer;
     slice_base   integer;
+    -- Set once webhooks this claim locked gave less than the batch wanted: from then on a slice's
+    -- candidates are locked all at once, so that a window of webhooks that cannot send costs
+    -- a pass per slice, not one per `wanted` webhooks.
+    shortfall    boolean := false;
     c_places     integer[];
+    slice_rest   integer;
     a_cap        integer[];
     ids          bigint[];
     id_hooks     bigint[];
@@ -325,10 +330,10 @@ BEGIN
                     CROSS JOIN LATERAL (SELECT r.tat FROM hookfleet.webhook_rate_limits r
                                         WHERE r.webhook_id = c.webhook_id LIMIT 1 FOR UPDATE SKIP LOCKED) r
                     WHERE c.kind = 'take'
-                    LIMIT LEAST(wanted, takeable)
+                    LIMIT CASE WHEN shortfall THEN takeable ELSE LEAST(wanted, takeable) END
                 ) k;
                 -- Skipped (another session holds it): reported contended, looked at again soon.
-                last_reached := CASE WHEN COALESCE(cardinality(l_ci), 0) < LEAST(wanted, takeable)
+                last_reached := CASE WHEN shortfall OR COALESCE(cardinality(l_ci), 0) < LEAST(wanted, takeable)
                                      THEN cardinality(c_ids) ELSE l_ci[cardinality(l_ci)] END;
             END IF;
             -- Held back by the settings read, up to the last webhook reached (those after it are
@@ -344,6 +349,7 @@ BEGIN
             IF last_reached < cardinality(c_ids) THEN
                 chunk_start := slice_base + c_places[last_reached];
             END IF;
+            slice_rest := last_reached;
             CONTINUE WHEN takeable = 0;
             -- (Nothing was skipped when the webhooks locked are the first ones, one after another.)
             IF l_ci IS NULL OR last_reached > cardinality(l_ci) THEN
@@ -449,7 +455,9 @@ BEGIN
                 a_share := ARRAY[LEAST(a_cap[1], wanted)];
             ELSIF phase = 2 THEN
                 -- Nothing known of how many due rows each has: an equal split, the rest by the top-up.
-                a_share := ARRAY(SELECT LEAST(c.cap, ceil(wanted::numeric / cardinality(l_ids)))::integer
+                -- (wanted / n each, one more for the first wanted % n: never more than wanted in all.)
+                a_share := ARRAY(SELECT LEAST(c.cap, wanted / cardinality(l_ids)
+                                                     + CASE WHEN c.j <= wanted % cardinality(l_ids) THEN 1 ELSE 0 END)::integer
                                  FROM unnest(a_cap) WITH ORDINALITY AS c(cap, j) ORDER BY c.j);
             ELSE
                 -- One row per rank up to each cap: at most the window's rows.
@@ -627,6 +635,18 @@ BEGIN
                         THEN to_timestamp(GREATEST(l_tats[j], now_s) + a_taken[j] * c_steps[l_ci[j]] - c_taus[l_ci[j]]) END;
                 END IF;
             END LOOP;
+            -- The batch is full: this slice's webhooks past the last one reached are not looked at
+            -- again in this claim, so those its settings read held back are reported now.
+            IF wanted <= 0 AND slice_rest < cardinality(c_ids) AND takeable < cardinality(c_ids) THEN
+                SELECT h_ids || array_agg(c.webhook_id ORDER BY c.i), h_reasons || array_agg(c.kind ORDER BY c.i),
+                       h_untils || array_agg(CASE WHEN c.kind = 'rate_limit' THEN c.until END ORDER BY c.i)
+                INTO h_ids, h_reasons, h_untils
+                FROM unnest(c_ids, c_kinds, c_untils) WITH ORDINALITY AS c(webhook_id, kind, until, i)
+                WHERE c.kind <> 'take' AND c.i > slice_rest;
+            END IF;
+            IF wanted > 0 THEN
+                shortfall := true;
+            END IF;
         END LOOP;
     END LOOP;
 

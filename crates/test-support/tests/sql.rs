@@ -3047,3 +3047,49 @@ async fn a_webhook_listed_twice_as_busy_is_claimed_once() {
     let claim = flow_claim(&client, "w1", 10, (None, None), Some(10), &[(hook, 0), (hook, 0)]).await;
     assert_eq!(claim.claimed, rows);
 }
+
+#[tokio::test]
+async fn a_claim_past_a_held_back_window_never_takes_more_than_its_batch() {
+    let db = database().await;
+    let client = db.client().await;
+    // The disabled webhook's backlog fills the window (4 batches), so the claim walks past it to
+    // three webhooks with three rows each, and shares 5 between them.
+    let disabled = webhook_with(&db, NewWebhook { enabled: false, ..spec() }).await;
+    insert_many(&client, disabled, 50).await;
+    let mut rows = Vec::new();
+    for _ in 0..3 {
+        let hook = webhook(&db).await;
+        rows.push(insert_many(&client, hook, 3).await);
+    }
+    let claimed = claim(&client, "w1", 5).await;
+    assert_eq!(claimed.len(), 5, "{claimed:?}");
+    let per_webhook: Vec<usize> =
+        rows.iter().map(|of_one| of_one.iter().filter(|id| claimed.contains(id)).count()).collect();
+    assert_eq!(per_webhook, [2, 2, 1], "an equal share each, the rest to the first");
+}
+
+#[tokio::test]
+async fn every_function_that_forbids_sequential_scans_also_turns_jit_off() {
+    let db = database().await;
+    let client = db.client().await;
+    // seqscan = off prices a scan no index can replace (a small table without one) at 1e10, past
+    // jit_above_cost: each call would then compile its statements (tens of ms for a 0.2 ms call).
+    let rows = client
+        .query(
+            "SELECT p.proname, coalesce(p.proconfig, '{}') FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'hookfleet' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("functions");
+    let forbidding: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, Vec<String>>(1)))
+        .filter(|(_, config)| config.iter().any(|setting| setting == "enable_seqscan=off"))
+        .collect();
+    let names: Vec<&str> = forbidding.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["claim_deliveries", "sample_queue_depth"]);
+    for (name, config) in &forbidding {
+        assert!(config.iter().any(|setting| setting == "jit=off"), "{name}: {config:?}");
+    }
+}
