@@ -300,6 +300,21 @@ async fn main() -> anyhow::Result<()> {
     let mut failures = Vec::new();
     for &scenario in &args.scenarios {
         let mut plan: Vec<(String, Job)> = Vec::new();
+        let wide_job = |name: &str, size: WideSize, skewed: bool| {
+            (
+                format!(
+                    "{name} {} webhooks × {}/s for {wide_duration:?}, {} workers",
+                    size.webhooks, size.rate, args.load_workers
+                ),
+                Job::Wide(wide::Wide {
+                    webhooks: size.webhooks,
+                    rate: size.rate,
+                    duration: wide_duration,
+                    workers: args.load_workers,
+                    skewed,
+                }),
+            )
+        };
         match scenario {
             Scenario::Ceiling => plan.push((format!("ceiling, {ceiling_rows} rows"), Job::Ceiling(Cycle::Ceiling))),
             Scenario::Contract => plan.push((format!("contract, {ceiling_rows} rows"), Job::Ceiling(Cycle::Contract))),
@@ -341,34 +356,10 @@ async fn main() -> anyhow::Result<()> {
             )),
             Scenario::Wide => {
                 for size in &wide_sizes {
-                    plan.push((
-                        format!(
-                            "wide {} webhooks × {}/s for {wide_duration:?}, {} workers",
-                            size.webhooks, size.rate, args.load_workers
-                        ),
-                        Job::Wide(wide::Wide {
-                            webhooks: size.webhooks,
-                            rate: size.rate,
-                            duration: wide_duration,
-                            workers: args.load_workers,
-                            skewed: false,
-                        }),
-                    ));
+                    plan.push(wide_job("wide", *size, false));
                 }
             }
-            Scenario::Skewed => plan.push((
-                format!(
-                    "skewed {} webhooks × {}/s for {wide_duration:?}, {} workers",
-                    skewed.webhooks, skewed.rate, args.load_workers
-                ),
-                Job::Wide(wide::Wide {
-                    webhooks: skewed.webhooks,
-                    rate: skewed.rate,
-                    duration: wide_duration,
-                    workers: args.load_workers,
-                    skewed: true,
-                }),
-            )),
+            Scenario::Skewed => plan.push(wide_job("skewed", skewed, true)),
             Scenario::Publish => plan.push((
                 format!("publish to {publish_webhooks} webhooks, {} workers", args.load_workers),
                 Job::Publish(publish_webhooks),

@@ -143,13 +143,7 @@ async fn a_client_error_is_dead_at_once() {
     let (_, retries, code, _) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code), (0, Some(404)));
     assert_eq!(receiver.requests().len(), 1, "a 404 is not retried");
-    let class: Option<String> = db
-        .client()
-        .await
-        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
-        .await
-        .expect("attempt")
-        .get(0);
+    let class = attempt_error_class(&db, delivery_id).await;
     assert_eq!(class.as_deref(), Some("http_4xx"));
 }
 
@@ -290,6 +284,16 @@ async fn three_workers_deliver_every_row_exactly_once() {
     drop(workers);
 }
 
+/// The error class of the delivery's one attempt.
+async fn attempt_error_class(db: &TestDatabase, delivery_id: i64) -> Option<String> {
+    db.client()
+        .await
+        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
+        .await
+        .expect("attempt")
+        .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_address_is_dead_with_class_blocked() {
     let db = database().await;
@@ -301,13 +305,7 @@ async fn a_refused_address_is_dead_with_class_blocked() {
     let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code), (0, None));
     assert!(error.as_deref().is_some_and(|error| error.contains("blocked")), "last_error: {error:?}");
-    let class: Option<String> = db
-        .client()
-        .await
-        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
-        .await
-        .expect("attempt")
-        .get(0);
+    let class = attempt_error_class(&db, delivery_id).await;
     assert_eq!(class.as_deref(), Some("blocked"));
     assert!(receiver.requests().is_empty(), "nothing reached the receiver");
 }
@@ -323,13 +321,7 @@ async fn a_plain_http_url_refused_by_policy_is_dead_with_class_blocked() {
     let (_, retries, code, error) = db.wait_for_status(delivery_id, "dead").await;
     assert_eq!((retries, code), (0, None));
     assert!(error.as_deref().is_some_and(|error| error.contains("http://")), "last_error: {error:?}");
-    let class: Option<String> = db
-        .client()
-        .await
-        .query_one("SELECT error_class FROM hookfleet.delivery_attempts WHERE delivery_id = $1", &[&delivery_id])
-        .await
-        .expect("attempt")
-        .get(0);
+    let class = attempt_error_class(&db, delivery_id).await;
     assert_eq!(class.as_deref(), Some("blocked"), "refused by the URL policy, as a refused address is");
     assert!(receiver.requests().is_empty(), "nothing reached the receiver");
 }
